@@ -1,0 +1,110 @@
+"""Finding and reading corpora: a folder with train/valid/test text files.
+
+Each line is one sentence (or document), whitespace-tokenized. Both PTB's
+``ptb.{split}.txt`` and plain ``{split}.txt`` names are recognized. Every problem with
+the files is reported as a :class:`CorpusError` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentlm.errors import CorpusError
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_MAX_TOKENS = 400
+
+
+def _repo_root() -> Path:
+    # src/latentlm/data/corpus.py -> repo root is three levels above the package.
+    return Path(__file__).resolve().parents[3]
+
+
+def find_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Locate corpus ``name``: ``data_dir`` first, then ``$LATENTLM_DATA``, then
+    ``../shared/data/<name>`` beside the repository.
+
+    ``data_dir`` may be the corpus folder itself or a folder that contains ``<name>/``.
+    """
+    candidates: list[Path] = []
+    for base in (data_dir, os.environ.get("LATENTLM_DATA")):
+        if base:
+            base = Path(base).expanduser()
+            candidates += [base / name, base]
+    candidates.append(_repo_root().parent / "shared" / "data" / name)
+    for path in candidates:
+        if path.is_dir() and any(split_path(path, s, must_exist=False) for s in SPLITS):
+            return path
+    looked = "\n  ".join(str(c) for c in candidates)
+    raise CorpusError(
+        f"corpus {name!r} not found. Looked in:\n  {looked}\n"
+        f"Put train/valid/test files (e.g. {name}.train.txt or train.txt, one sentence per line) "
+        f"in one of these folders, or pass --data-dir / set LATENTLM_DATA."
+    )
+
+
+def split_path(folder: Path, split: str, must_exist: bool = True) -> Path | None:
+    folder = Path(folder)
+    for candidate in (folder / f"{folder.name}.{split}.txt", folder / f"{split}.txt"):
+        if candidate.is_file():
+            return candidate
+    matches = sorted(folder.glob(f"*.{split}.txt"))
+    if matches:
+        return matches[0]
+    if must_exist:
+        raise CorpusError(
+            f"split {split!r} missing in {folder}: expected {folder.name}.{split}.txt or {split}.txt"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class TextFile:
+    path: Path
+    lines: list[list[str]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.lines)
+
+
+def read_lines(
+    path: str | os.PathLike,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    limit: int | None = None,
+) -> TextFile:
+    """Read a whitespace-tokenized file, one example per line.
+
+    Raises :class:`CorpusError` for a missing or empty file, bytes that are not UTF-8,
+    an empty line, or a line with more than ``max_tokens`` tokens, naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw[: err.start].count(b"\n") + 1
+        raise CorpusError(
+            f"{path}:{line_no}: bytes that are not UTF-8 ({raw[err.start:err.start + 4]!r} at byte "
+            f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    lines: list[list[str]] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split()
+        if not tokens:
+            raise CorpusError(f"{path}:{line_no}: empty line; every line must hold one example")
+        if len(tokens) > max_tokens:
+            raise CorpusError(
+                f"{path}:{line_no}: line has {len(tokens)} tokens, over the cap of {max_tokens} "
+                f"(raise data.max_tokens to allow it)"
+            )
+        lines.append(tokens)
+        if limit is not None and len(lines) >= limit:
+            break
+    if not lines:
+        raise CorpusError(f"{path}: file is empty; expected one example per line")
+    return TextFile(path, lines)

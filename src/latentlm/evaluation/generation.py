@@ -1,0 +1,45 @@
+"""E3: samples from the prior, reconstructions and interpolations (homotopies)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from latentlm.data.batching import collate
+from latentlm.data.vocab import Vocab
+
+
+def _detok(vocab: Vocab, ids: torch.Tensor) -> list[str]:
+    return [" ".join(vocab.decode(row)) for row in ids.tolist()]
+
+
+@torch.no_grad()
+def sample_sentences(model, vocab: Vocab, num: int = 3, greedy: bool = False, max_len: int = 50,
+                     generator: torch.Generator | None = None) -> list[str]:
+    z = model.prior().sample((num,)) if model.latent != "none" else None
+    return _detok(vocab, model.generate(z, num, max_len=max_len, greedy=greedy, generator=generator))
+
+
+def encode_means(posterior, vocab: Vocab, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+    batch = collate([vocab.encode_sentence(s) for s in sentences], range(len(sentences)))
+    return posterior(batch).mean  # (N, D)
+
+
+@torch.no_grad()
+def reconstruct(model, posterior, vocab: Vocab, sentences: Sequence[Sequence[str]], max_len: int = 50) -> list[str]:
+    """Greedy decoding from the posterior mean of each sentence."""
+    z = encode_means(posterior, vocab, sentences)
+    return _detok(vocab, model.generate(z, len(sentences), max_len=max_len, greedy=True))
+
+
+@torch.no_grad()
+def interpolate(model, posterior, vocab: Vocab, a: Sequence[str], b: Sequence[str], steps: int = 5,
+                max_len: int = 50) -> list[str]:
+    """Greedy decodings along the line between the posterior means of ``a`` and ``b``."""
+    if steps < 2:
+        raise ValueError(f"interpolation needs at least 2 steps, got {steps}")
+    za, zb = encode_means(posterior, vocab, [a, b])
+    t = torch.linspace(0, 1, steps)[:, None]
+    z = (1 - t) * za + t * zb  # (steps, D)
+    return _detok(vocab, model.generate(z, steps, max_len=max_len, greedy=True))

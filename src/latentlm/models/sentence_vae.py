@@ -1,0 +1,48 @@
+"""M4: the sentence VAE (Bowman et al. 2016; He et al. 2019's PTB setting).
+
+z ~ N(0, I); x ~ LSTM decoder that starts from a state computed from z and reads z at
+every step. The inference network lives in :mod:`latentlm.inference.posteriors`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Independent, Normal
+
+from latentlm.data.batching import Batch
+from latentlm.models.base import LatentVariableModel
+from latentlm.nn.decoders import LSTMDecoder, word_dropout
+
+
+class SentenceVAE(LatentVariableModel):
+    latent = "continuous"
+    default_posterior = "gaussian_lstm"
+
+    def __init__(self, vocab_size: int, embed_dim: int = 256, hidden_dim: int = 256,
+                 latent_dim: int = 32, num_layers: int = 1, dropout: float = 0.0,
+                 word_dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.latent_dim = vocab_size, latent_dim
+        self.decoder = LSTMDecoder(vocab_size, embed_dim, hidden_dim, latent_dim, num_layers, dropout)
+        self.word_dropout = word_dropout
+        self.register_buffer("_zeros", torch.zeros(latent_dim), persistent=False)
+
+    def prior(self) -> Independent:
+        return Independent(Normal(self._zeros, torch.ones_like(self._zeros)), 1)
+
+    def log_likelihood(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) for z (S, B, D): the S samples run as one (S*B)-row batch; (S, B)."""
+        S, B = z.shape[:2]
+        inputs = batch.inputs
+        if self.training:
+            inputs = word_dropout(inputs, self.word_dropout)
+        rep = (S, 1)
+        states = self.decoder.hidden_states(inputs.repeat(rep), z.reshape(S * B, -1))
+        ll = self.decoder.token_log_probs(states, batch.targets.repeat(rep), batch.mask.repeat(rep))
+        return ll.view(S, B)
+
+    @torch.no_grad()
+    def generate(self, z, num, max_len=50, greedy=False, generator=None):
+        if z is None:
+            z = self.prior().sample((num,))
+        return self.decoder.generate(z, num, max_len, greedy, generator)

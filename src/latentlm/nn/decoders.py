@@ -1,0 +1,102 @@
+"""Decoders p(x | z): an LSTM language model that optionally reads a latent vector."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentlm.data.vocab import Vocab
+
+
+def word_dropout(inputs: torch.Tensor, rate: float, unk_id: int = Vocab.unk_id) -> torch.Tensor:
+    """Replace decoder input words by ``<unk>`` with probability ``rate`` (Bowman et al. 2016).
+
+    ``<pad>`` and ``<s>`` are kept so the decoder still knows where a sentence starts.
+    """
+    if rate <= 0:
+        return inputs
+    drop = torch.rand(inputs.shape, device=inputs.device) < rate
+    drop &= inputs > Vocab.bos_id  # ids 0/1 are <pad>/<s>
+    return inputs.masked_fill(drop, unk_id)
+
+
+class LSTMDecoder(nn.Module):
+    """LSTM LM over ``<s> w_1 .. w_n``; with ``latent_dim > 0``, z sets the initial state
+    and is concatenated to every input embedding (He et al. 2019's sentence-VAE decoder).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 256,
+        hidden_dim: int = 256,
+        latent_dim: int = 0,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.hidden_dim, self.num_layers = hidden_dim, num_layers
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocab.pad_id)
+        self.lstm = nn.LSTM(embed_dim + latent_dim, hidden_dim, num_layers, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+        if latent_dim:
+            self.z_to_state = nn.Linear(latent_dim, hidden_dim * num_layers)
+
+    def initial_state(self, z: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if z is None or not self.latent_dim:
+            return None
+        c0 = self.z_to_state(z).view(n, self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
+        return torch.tanh(c0), c0  # (layers, N, H) each
+
+    def hidden_states(self, inputs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-layer states (N, T, H) for inputs (N, T) and z (N, D) or None."""
+        emb = self.dropout(self.embed(inputs))  # (N, T, E)
+        if self.latent_dim:
+            emb = torch.cat([emb, z[:, None, :].expand(-1, emb.size(1), -1)], dim=-1)
+        states, _ = self.lstm(emb, self.initial_state(z, inputs.size(0)))
+        return self.dropout(states)
+
+    def token_log_probs(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(target_t | ...) summed over real positions: (N,).
+
+        Only the masked positions go through the (H x V) output layer, and the
+        log-softmax is taken in fp32 even under bf16 autocast.
+        """
+        flat = states[mask]                                    # (M, H)
+        logits = self.out(flat).float()                        # (M, V)
+        nll = F.cross_entropy(logits, targets[mask], reduction="none")  # (M,)
+        out = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device)
+        out[mask] = -nll
+        return out.sum(1)
+
+    @torch.no_grad()
+    def generate(
+        self, z: torch.Tensor | None, num: int, max_len: int = 50, greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode ``num`` sentences (ancestral sampling, or greedy); (num, <= max_len) ids ending in </s>."""
+        device = self.out.weight.device
+        state = self.initial_state(z, num)
+        token = torch.full((num, 1), Vocab.bos_id, dtype=torch.long, device=device)
+        done = torch.zeros(num, dtype=torch.bool, device=device)
+        out = []
+        for _ in range(max_len):
+            emb = self.embed(token)
+            if self.latent_dim:
+                emb = torch.cat([emb, z[:, None, :]], dim=-1)
+            h, state = self.lstm(emb, state)
+            logits = self.out(h[:, -1]).float()
+            logits[:, [Vocab.pad_id, Vocab.bos_id]] = -float("inf")
+            if greedy:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            token = token.masked_fill(done[:, None], Vocab.pad_id)
+            out.append(token)
+            done |= token[:, 0] == Vocab.eos_id
+            if bool(done.all()):
+                break
+        return torch.cat(out, dim=1)

@@ -1,0 +1,84 @@
+"""A trainable system: model + posterior + objective, built from a config and saved as
+``model.safetensors`` + ``config.json`` + ``vocab.json`` (no pickles anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from latentlm.config import Config, config_from_dict
+from latentlm.data.batching import Batch
+from latentlm.data.vocab import Vocab
+from latentlm.errors import CheckpointError, ConfigError
+from latentlm.inference import OBJECTIVES, POSTERIORS
+from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
+from latentlm.models import MODELS
+from latentlm.models.base import LatentVariableModel
+
+
+def _construct(registry: dict, spec: dict, where: str, **fixed):
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind not in registry:
+        raise ConfigError(f"{where}.type {kind!r} unknown; choose one of {sorted(registry)}")
+    try:
+        return registry[kind](**fixed, **spec)
+    except TypeError as err:
+        raise ConfigError(f"{where} ({kind}): {err}") from None
+
+
+class System(nn.Module):
+    """What the trainer optimizes and a checkpoint stores. ``forward`` evaluates the
+    objective, so DDP can wrap the whole system."""
+
+    def __init__(self, model: LatentVariableModel, posterior: Posterior | None, objective: Objective):
+        super().__init__()
+        self.model, self.posterior, self.objective = model, posterior, objective
+
+    def forward(self, batch: Batch, step: int = 0) -> ObjectiveOutput:
+        return self.objective(self.model, self.posterior, batch, step)
+
+
+def build_system(config: Config, vocab_size: int) -> System:
+    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size)
+    objective = _construct(OBJECTIVES, config.objective, "objective")
+    posterior = None
+    if objective.needs_posterior:
+        spec = config.posterior or ({"type": model.default_posterior} if model.default_posterior else None)
+        if spec is None:
+            raise ConfigError(
+                f"objective {config.objective['type']!r} needs a posterior, and model "
+                f"{config.model['type']!r} has no latent variable")
+        posterior = _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size,
+                               latent_dim=getattr(model, "latent_dim", None))
+    return System(model, posterior, objective)
+
+
+def load_pretrained(directory: str | Path, weights: str = "model.safetensors") -> tuple[System, Config, Vocab]:
+    """Load a trained run directory. Only safetensors and JSON are read, never pickles."""
+    directory = Path(directory)
+    for name in ("config.json", "vocab.json", weights):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: missing {name}; is this a latentlm run directory?")
+    config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    vocab = Vocab.load(directory / "vocab.json")
+    system = build_system(config, len(vocab))
+    load_state(system, directory / weights)
+    system.eval()
+    return system, config, vocab
+
+
+def load_state(module: nn.Module, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a corrupt file
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")

@@ -1,0 +1,293 @@
+"""The one training loop, shared by every model and objective.
+
+Plain PyTorch with ``torch.distributed`` for data parallelism: launched by ``torchrun``
+(``WORLD_SIZE`` > 1) the system is wrapped in DistributedDataParallel (gloo on CPU,
+nccl on GPU) and each rank takes every ``world``-th batch. Rank 0 alone writes
+checkpoints, metrics and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from latentlm.config import Config
+from latentlm.data.batching import TextDataset
+from latentlm.data.corpus import find_corpus, read_lines, split_path
+from latentlm.data.vocab import Vocab
+from latentlm.evaluation.likelihood import perplexity
+from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
+from latentlm.system import System, build_system
+from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
+                                          save_checkpoint, save_weights)
+
+METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "lr",
+                 "tokens_per_s", "elapsed_s"]
+
+
+def autocast(precision: str):
+    """``bf16-mixed``: CPU/GPU autocast to bfloat16 with fp32 weights; ``fp32``: nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16)
+    raise ConfigError(f"train.precision must be 'fp32' or 'bf16-mixed', got {precision!r}")
+
+
+def load_corpus(config: Config, vocab: Vocab | None = None, splits=("train", "valid", "test")):
+    """Read the corpus named in ``config.data``; build the vocabulary from train if not given."""
+    d = config.data
+    folder = find_corpus(d.name, d.data_dir)
+    limits = {"train": d.train_limit, "valid": d.valid_limit, "test": d.test_limit}
+    files = {s: read_lines(split_path(folder, s), d.max_tokens, limits[s]) for s in splits}
+    if vocab is None:
+        train = files["train"] if "train" in files else read_lines(split_path(folder, "train"), d.max_tokens, d.train_limit)
+        vocab = Vocab.build(train.lines, d.max_vocab, d.min_count)
+    return vocab, {s: TextDataset(f.lines, vocab) for s, f in files.items()}
+
+
+def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    raise ConfigError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
+
+
+@torch.no_grad()
+def validate(system: System, dataset: TextDataset, batch_size: int, precision: str = "fp32") -> dict[str, float]:
+    """Mean per-example bound (ELBO, or exact log-likelihood) and KL over a split."""
+    was_training = system.training
+    system.eval()
+    total = {"nll": 0.0, "kl": 0.0, "reconstruction": 0.0}
+    n = tokens = 0
+    for batch in dataset.batches(batch_size):
+        with autocast(precision):
+            out = system(batch)
+        total["nll"] -= float(out.bound.sum())
+        if out.kl is not None:
+            total["kl"] += float(out.kl.sum())
+            total["reconstruction"] -= float(out.reconstruction.sum())
+        n += batch.size
+        tokens += batch.num_tokens
+    system.train(was_training)
+    out = {k: v / max(1, n) for k, v in total.items()}
+    out["ppl_bound"] = perplexity(total["nll"], tokens)
+    return out
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_valid: float = math.inf
+    bad_epochs: int = 0
+    stopped: str | None = None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Fits ``config`` into ``out_dir``; ``resume=True`` continues from the latest checkpoint."""
+
+    def __init__(self, config: Config, out_dir: str | Path, resume: bool = False, progress: bool | None = None):
+        self.config, self.out = config, Path(out_dir)
+        self.resume, self.progress = resume, progress
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+
+    # -- set-up -------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.manual_seed(cfg.seed)
+        ckpt_root = self.out / "checkpoints"
+        self.ckpt = latest_checkpoint(ckpt_root) if self.resume else None
+        if self.resume and self.ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
+        if not self.resume and (self.out / "checkpoints" / "latest.json").exists():
+            raise CheckpointError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        vocab = Vocab.load(self.out / "vocab.json") if self.resume else None
+        self.vocab, data = load_corpus(cfg, vocab, splits=("train", "valid"))
+        self.train_set, self.valid_set = data["train"], data["valid"]
+        self.system = build_system(cfg, len(self.vocab))
+        self.optimizer = make_optimizer(cfg, self.system.parameters())
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
+        self.state = TrainState()
+        if self.ckpt is not None:
+            saved = load_checkpoint(self.ckpt, self.system, self.optimizer)
+            self.state = TrainState(**saved["train_state"])
+            if self.state.stopped == "budget":  # a new budget may let it go on
+                self.state.stopped = None
+            self.scheduler.load_state_dict(self.state.scheduler)
+        self.ddp = DistributedDataParallel(self.system) if self.world > 1 else None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", cfg.to_json())
+            self.vocab.save(self.out / "vocab.json")
+            self._open_metrics()
+
+    def _open_metrics(self) -> None:
+        path = self.out / "metrics.csv"
+        rows = []
+        if self.resume and path.is_file():  # drop rows past the checkpoint we resume from
+            with path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.state.step]
+        self._metrics_fh = path.open("w", newline="")
+        self._metrics = csv.DictWriter(self._metrics_fh, METRIC_FIELDS)
+        self._metrics.writeheader()
+        self._metrics.writerows(rows)
+        self._tb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter  # only if tensorboard is installed
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self._metrics.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        self._metrics_fh.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+    def _checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        self.state.scheduler = self.scheduler.state_dict()
+        save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self.optimizer,
+                        {"train_state": self.state.__dict__}, keep=self.config.train.keep_checkpoints)
+
+    # -- the loop -------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self._setup()
+        try:
+            return self._fit()
+        finally:
+            if self.is_main:
+                self._metrics_fh.close()
+                if self._tb is not None:
+                    self._tb.close()
+
+    def _fit(self) -> dict[str, Any]:
+        cfg, t, st = self.config, self.config.train, self.state
+        forward = self.ddp or self.system
+        self.system.train()
+        start_time = time.monotonic()
+        deadline = start_time + 60 * t.max_minutes if t.max_minutes else math.inf
+        kill_at = int(os.environ.get("LATENTLM_KILL_AT_STEP", "0"))  # fault injection for tests
+        while st.stopped is None and st.epoch < t.epochs:
+            batches = self.train_set.batch_indices(t.batch_size, shuffle=True, seed=cfg.seed, epoch=st.epoch)
+            per_rank = len(batches) // self.world
+            batches = batches[self.rank : per_rank * self.world : self.world]
+            bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"epoch {st.epoch + 1}/{t.epochs}",
+                       disable=not self.is_main or self.progress is False, dynamic_ncols=True, leave=False)
+            window_tokens, window_start = 0, time.monotonic()
+            while st.batch_in_epoch < len(batches):
+                batch = self.train_set.make_batch(batches[st.batch_in_epoch])
+                with autocast(t.precision):
+                    out = forward(batch, st.step)
+                loss = out.loss
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.system.parameters(), t.clip or math.inf)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    what = "loss" if not torch.isfinite(loss) else "gradient norm"
+                    raise TrainingDivergedError(
+                        f"{what} is not finite at step {st.step + 1} (epoch {st.epoch + 1}); the last good "
+                        f"checkpoint in {self.out / 'checkpoints'} is kept: resume with --resume and a lower "
+                        f"train.lr or train.clip")
+                self.optimizer.step()
+                st.step += 1
+                st.batch_in_epoch += 1
+                window_tokens += batch.num_tokens * self.world
+                bar.update(1)
+                if st.step % t.log_every == 0 or st.batch_in_epoch == len(batches):
+                    elapsed = time.monotonic() - window_start
+                    row = {"split": "train", "step": st.step, "epoch": st.epoch + 1, "loss": loss.item(),
+                           "nll": -out.bound.mean().item(), "lr": self.optimizer.param_groups[0]["lr"],
+                           "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                           "elapsed_s": time.monotonic() - start_time}
+                    if out.kl is not None:
+                        row["kl"], row["reconstruction"] = out.kl.mean().item(), -out.reconstruction.mean().item()
+                    if out.extras and "kl_weight" in out.extras:
+                        row["kl_weight"] = float(out.extras["kl_weight"])
+                    self._log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row.get('kl', 0):.2f}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                    window_tokens, window_start = 0, time.monotonic()
+                if st.step % t.checkpoint_every == 0:
+                    self._checkpoint()
+                if kill_at and st.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if t.eval_every and st.step % t.eval_every == 0:
+                    self._validate_and_schedule(per_epoch=False)
+                if (t.max_steps and st.step >= t.max_steps) or time.monotonic() > deadline:
+                    st.stopped = "budget"
+                    break
+            bar.close()
+            if st.stopped is None:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+                if not t.eval_every:
+                    self._validate_and_schedule(per_epoch=True)
+        final = self._finish()
+        return final
+
+    def _validate_and_schedule(self, per_epoch: bool) -> None:
+        t, st = self.config.train, self.state
+        metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
+        self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
+                   "lr": self.optimizer.param_groups[0]["lr"]})
+        if metrics["nll"] < st.best_valid - 1e-4:
+            st.best_valid, st.bad_epochs = metrics["nll"], 0
+            if self.is_main:
+                save_weights(self.system, self.out / "model.safetensors")
+        else:
+            st.bad_epochs += 1
+        self.scheduler.step(metrics["nll"])
+        if st.bad_epochs >= t.early_stop_patience:
+            st.stopped = "early stopping"
+        elif self.optimizer.param_groups[0]["lr"] < t.min_lr:
+            st.stopped = "learning rate below train.min_lr"
+        if self.is_main and (per_epoch or st.stopped):
+            tqdm.write(f"step {st.step}: valid nll {metrics['nll']:.3f} kl {metrics['kl']:.3f} "
+                       f"ppl<= {metrics['ppl_bound']:.2f}" + (f" ({st.stopped})" if st.stopped else ""))
+        self._checkpoint()
+
+    def _finish(self) -> dict[str, Any]:
+        st = self.state
+        if st.best_valid == math.inf or st.stopped == "budget":
+            # The budget ran out between validations: validate once more so the best model is on disk.
+            self._validate_and_schedule(per_epoch=False)
+        self._checkpoint()
+        if self.world > 1:
+            dist.barrier()
+        return {"step": st.step, "epoch": st.epoch, "best_valid_nll": st.best_valid, "stopped": st.stopped or "epochs"}
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    return Trainer(config, out_dir, resume=resume, progress=progress).fit()

@@ -1,0 +1,39 @@
+import math
+
+import pytest
+import torch
+
+from latentlm.evaluation import active_units, mutual_information
+
+
+def test_active_units_counts_dimensions_with_varying_means():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(2000, 4, generator=g) * torch.tensor([1.0, 0.2, 0.05, 0.0])
+    # variances 1, 0.04, 0.0025, 0 -> two dimensions above 0.01
+    assert active_units(means) == 2
+    assert active_units(means, threshold=0.001) == 3
+
+
+def test_mutual_information_zero_when_every_posterior_is_the_same():
+    means, logvars = torch.zeros(3000, 2), torch.zeros(3000, 2)
+    mi = mutual_information(means, logvars, generator=torch.Generator().manual_seed(0))
+    assert abs(mi) < 0.05
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_mutual_information_is_log_k_for_k_separated_posteriors(groups):
+    """N examples in k equal groups with sharp, far-apart posteriors: I(x; z) = log k."""
+    n = 2400
+    centres = torch.arange(groups, dtype=torch.float)[:, None] * 100.0
+    means = centres.repeat_interleave(n // groups, 0).expand(-1, 3).contiguous()
+    logvars = torch.full_like(means, -2.0)
+    mi = mutual_information(means, logvars, generator=torch.Generator().manual_seed(0))
+    assert mi == pytest.approx(math.log(groups), abs=0.05)  # Monte Carlo noise ~ 1/sqrt(N)
+
+
+def test_mutual_information_does_not_depend_on_chunking():
+    g = torch.Generator().manual_seed(0)
+    means, logvars = torch.randn(500, 3, generator=g), torch.randn(500, 3, generator=g) * 0.1
+    a = mutual_information(means, logvars, generator=torch.Generator().manual_seed(1), chunk=7)
+    b = mutual_information(means, logvars, generator=torch.Generator().manual_seed(1), chunk=500)
+    assert a == pytest.approx(b, abs=1e-5)
