@@ -278,6 +278,16 @@ class Trainer:
                        f"ppl<= {metrics['ppl_bound']:.2f}" + (f" ({st.stopped})" if st.stopped else ""))
         self._checkpoint()
 
+    def _check_replicas_agree(self) -> None:
+        """DDP keeps replicas identical; a cheap fingerprint all-reduce proves it did."""
+        with torch.no_grad():
+            fp = torch.stack([p.double().sum() for p in self.system.parameters()]).sum().reshape(1)
+        lo, hi = fp.clone(), fp.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"data-parallel replicas diverged: parameter fingerprints {float(lo)} != {float(hi)}")
+
     def _finish(self) -> dict[str, Any]:
         st = self.state
         if st.best_valid == math.inf or st.stopped == "budget":
@@ -285,7 +295,7 @@ class Trainer:
             self._validate_and_schedule(per_epoch=False)
         self._checkpoint()
         if self.world > 1:
-            dist.barrier()
+            self._check_replicas_agree()
         return {"step": st.step, "epoch": st.epoch, "best_valid_nll": st.best_valid, "stopped": st.stopped or "epochs"}
 
 

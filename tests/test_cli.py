@@ -1,0 +1,73 @@
+"""The command line: the whole surface on a tiny run, and clear errors instead of tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_cli(*args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "latentlm.cli.main", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "vae"
+    proc = run_cli("train", REPO / "configs" / "tiny_vae.yaml", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_evaluate_json_has_the_promised_keys(trained_vae):
+    proc = run_cli("evaluate", trained_vae, "--split", "test", "--samples", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("nll", "ppl", "elbo", "kl", "mi", "au", "examples", "tokens"):
+        assert key in result
+    assert result["examples"] == 60 and result["nll"] > 0 and result["nll"] <= -result["elbo"] + 1.0
+
+
+def test_sample_and_interpolate(trained_vae):
+    proc = run_cli("sample", trained_vae, "-n", "3")
+    assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 3
+    proc = run_cli("interpolate", trained_vae, "the company said", "mr. smith is chairman", "--steps", "4")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "file is empty"), (b"a b\n\n", "train.txt:2: empty line"), (b"a \xff b\n", "train.txt:1: bytes that are not UTF-8")],
+)
+def test_bad_corpus_gives_one_clear_line(tmp_path, tiny_corpus, content, message):
+    (tiny_corpus / "train.txt").write_bytes(content)
+    proc = run_cli("train", REPO / "configs" / "tiny_lm.yaml", "--out", tmp_path / "run", "--data-dir", tiny_corpus,
+                   "--set", "data.name=tiny")
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_corpus_and_bad_run_dir(tmp_path):
+    proc = run_cli("train", REPO / "configs" / "tiny_lm.yaml", "--out", tmp_path / "run", "--data-dir", tmp_path,
+                   "--set", "data.name=nothing_here")
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("evaluate", tmp_path)
+    assert proc.returncode == 2 and "missing config.json" in proc.stderr
+
+
+def test_unknown_tokens_map_to_unk(trained_vae):
+    proc = run_cli("interpolate", trained_vae, "zzzqqq xxyyzz", "the", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_lm_trains_on_a_user_corpus(tmp_path, tiny_corpus):
+    proc = run_cli("train", REPO / "configs" / "tiny_lm.yaml", "--out", tmp_path / "run", "--data-dir", tiny_corpus,
+                   "--set", "data.name=tiny", "--set", "train.epochs=1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("evaluate", tmp_path / "run", "--json")
+    assert json.loads(proc.stdout)["examples"] == 30
