@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m latentlm.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

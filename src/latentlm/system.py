@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def _construct(registry: dict, spec: dict, where: str, **fixed):
     kind = spec.pop("type")
     if kind not in registry:
         raise ConfigError(f"{where}.type {kind!r} unknown; choose one of {sorted(registry)}")
+    accepted = inspect.signature(registry[kind]).parameters
+    fixed = {k: v for k, v in fixed.items() if k in accepted}  # pass context only to classes that name it
     try:
         return registry[kind](**fixed, **spec)
     except TypeError as err:
@@ -46,7 +49,7 @@ class System(nn.Module):
 
 def build_system(config: Config, vocab_size: int) -> System:
     model = _construct(MODELS, config.model, "model", vocab_size=vocab_size)
-    objective = _construct(OBJECTIVES, config.objective, "objective")
+    objective = _construct(OBJECTIVES, config.objective, "objective", vocab_size=vocab_size)
     posterior = None
     if objective.needs_posterior:
         spec = config.posterior or ({"type": model.default_posterior} if model.default_posterior else None)

@@ -18,20 +18,26 @@ IS_TOKENS_PER_CHUNK = 12_000
 @torch.no_grad()
 def importance_sampled_log_marginal(
     model: LatentVariableModel, posterior: Posterior, batch: Batch, samples: int = 500,
-    chunk: int | None = None,
+    chunk: int | None = None, noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log p(x) ~= log (1/k) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); (B,).
 
     The k samples run in chunks of ``chunk`` samples for the whole batch, each chunk one
     batched decoder pass over (chunk * B) rows. Consistent: -> log p(x) as k grows, and a
-    lower bound in expectation for every k (the IWAE bound).
+    lower bound in expectation for every k (the IWAE bound). ``noise`` (k, B, D), for a
+    Gaussian q, fixes the standard-normal draws (z = mean + std * noise) so that two
+    evaluations can use the same samples.
     """
     q, p = posterior(batch), model.prior()
     if chunk is None:
         chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * batch.inputs.size(1)))
     log_w = []
     for start in range(0, samples, chunk):
-        z = q.sample((min(chunk, samples - start),))  # (c, B, D)
+        n = min(chunk, samples - start)
+        if noise is None:
+            z = q.sample((n,))  # (c, B, D)
+        else:
+            z = q.base_dist.loc + q.base_dist.scale * noise[start : start + n]
         log_w.append(model.log_likelihood(batch, z) + p.log_prob(z) - q.log_prob(z))
     return torch.logsumexp(torch.cat(log_w), 0) - math.log(samples)
 

@@ -1,20 +1,26 @@
 """Posteriors q(z | x) and learning objectives, independent of the model."""
 
 from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
-from latentlm.inference.elbo import ELBO, IWAE
+from latentlm.inference.elbo import ELBO, IWAE, VIMCO
 from latentlm.inference.exact import ExactMarginal
 from latentlm.inference.kl import free_bits, kl_per_dimension
 from latentlm.inference.posteriors import POSTERIORS, GaussianLSTMPosterior, diagonal_gaussian
+from latentlm.inference.semi_amortized import SemiAmortizedELBO
+from latentlm.inference.svi import StochasticVI, amortization_gap
 from latentlm.inference.schedules import ConstantSchedule, CyclicalSchedule, LinearSchedule, make_schedule
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "exact": ExactMarginal,
     "elbo": ELBO,
     "iwae": IWAE,
+    "sa_elbo": SemiAmortizedELBO,
+    "svi": StochasticVI,
+    "vimco": VIMCO,
 }
 
 __all__ = [
-    "Objective", "ObjectiveOutput", "Posterior", "ELBO", "IWAE", "ExactMarginal", "free_bits",
+    "Objective", "ObjectiveOutput", "Posterior", "ELBO", "IWAE", "VIMCO", "ExactMarginal", "free_bits",
     "kl_per_dimension", "POSTERIORS", "GaussianLSTMPosterior", "diagonal_gaussian", "ConstantSchedule",
-    "CyclicalSchedule", "LinearSchedule", "make_schedule", "OBJECTIVES",
+    "CyclicalSchedule", "LinearSchedule", "make_schedule", "OBJECTIVES", "SemiAmortizedELBO", "StochasticVI",
+    "amortization_gap",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 from latentlm.data.batching import Batch
 from latentlm.inference.base import Posterior
+from latentlm.inference.flows import FlowLSTMPosterior
 from latentlm.nn.encoders import LSTMEncoder
 
 
@@ -31,6 +32,54 @@ class GaussianLSTMPosterior(Posterior):
         return diagonal_gaussian(*self.params(batch))
 
 
+class CategoricalLSTMPosterior(Posterior):
+    """Amortized q(z | x) over K components: LSTM over the sentence -> K logits."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 128, hidden_dim: int = 128):
+        super().__init__()
+        self.encoder = LSTMEncoder(vocab_size, embed_dim, hidden_dim)
+        self.to_logits = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(self, batch: Batch) -> Categorical:
+        return Categorical(logits=self.to_logits(self.encoder(batch.tokens, batch.lengths)))  # (B, K)
+
+
+def bag_of_words_counts(batch, vocab_size: int) -> torch.Tensor:
+    """(B, V) word counts of a text ``Batch`` (targets: words and </s>) or a ``BowBatch``."""
+    if hasattr(batch, "dense_counts"):
+        return batch.dense_counts()
+    counts = torch.zeros(batch.size, vocab_size)
+    return counts.scatter_add_(1, batch.targets, batch.mask.float())
+
+
+class CategoricalBowPosterior(Posterior):
+    """Amortized q(z | x) over K clusters from a bag of words: log(1 + counts) -> MLP -> K logits."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, hidden_dim: int = 128):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.mlp = nn.Sequential(nn.Linear(vocab_size, hidden_dim), nn.Tanh())
+        self.to_logits = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(self, batch) -> Categorical:
+        counts = bag_of_words_counts(batch, self.vocab_size).to(self.to_logits.weight.dtype)
+        return Categorical(logits=self.to_logits(self.mlp(torch.log1p(counts))))
+
+
 POSTERIORS: dict[str, type[Posterior]] = {
+    "categorical_bow": CategoricalBowPosterior,
     "gaussian_lstm": GaussianLSTMPosterior,
+    "categorical_lstm": CategoricalLSTMPosterior,
+    "flow_lstm": FlowLSTMPosterior,
 }
+
+
+def _register_issue6_posteriors() -> None:
+    """Families that import this module (``diagonal_gaussian``) register after it is loaded."""
+    from latentlm.inference.bow_posterior import GaussianBOWPosterior
+    from latentlm.inference.svi import PerInstanceGaussian
+
+    POSTERIORS.update({"gaussian_bow": GaussianBOWPosterior, "per_instance_gaussian": PerInstanceGaussian})
+
+
+_register_issue6_posteriors()

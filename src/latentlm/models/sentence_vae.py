@@ -2,6 +2,9 @@
 
 z ~ N(0, I); x ~ LSTM decoder that starts from a state computed from z and reads z at
 every step. The inference network lives in :mod:`latentlm.inference.posteriors`.
+``decoder: cnn`` swaps in a dilated causal CNN (Yang et al. 2017) and ``decoder: bow``
+a bag-of-words decoder (every position ~ Cat(softmax(W z + b))), weaker decoders that
+are posterior-collapse remedies; ``decoder_options`` go to the decoder's constructor.
 """
 
 from __future__ import annotations
@@ -10,8 +13,13 @@ import torch
 from torch.distributions import Independent, Normal
 
 from latentlm.data.batching import Batch
+from latentlm.errors import ConfigError
 from latentlm.models.base import LatentVariableModel
+from latentlm.nn.bow import BagOfWordsDecoder
+from latentlm.nn.cnn_decoder import DilatedCNNDecoder
 from latentlm.nn.decoders import LSTMDecoder, word_dropout
+
+DECODERS = {"lstm": LSTMDecoder, "cnn": DilatedCNNDecoder, "bow": BagOfWordsDecoder}
 
 
 class SentenceVAE(LatentVariableModel):
@@ -20,10 +28,16 @@ class SentenceVAE(LatentVariableModel):
 
     def __init__(self, vocab_size: int, embed_dim: int = 256, hidden_dim: int = 256,
                  latent_dim: int = 32, num_layers: int = 1, dropout: float = 0.0,
-                 word_dropout: float = 0.0):
+                 word_dropout: float = 0.0, decoder: str = "lstm", decoder_options: dict | None = None):
         super().__init__()
         self.vocab_size, self.latent_dim = vocab_size, latent_dim
-        self.decoder = LSTMDecoder(vocab_size, embed_dim, hidden_dim, latent_dim, num_layers, dropout)
+        if decoder not in DECODERS:
+            raise ConfigError(f"model.decoder {decoder!r} unknown; choose one of {sorted(DECODERS)}")
+        try:
+            self.decoder = DECODERS[decoder](vocab_size, embed_dim, hidden_dim, latent_dim, num_layers, dropout,
+                                             **(decoder_options or {}))
+        except TypeError as err:
+            raise ConfigError(f"model.decoder_options for {decoder!r}: {err}") from None
         self.word_dropout = word_dropout
         self.register_buffer("_zeros", torch.zeros(latent_dim), persistent=False)
 

@@ -26,6 +26,9 @@ class LSTMDecoder(nn.Module):
     and is concatenated to every input embedding (He et al. 2019's sentence-VAE decoder).
     """
 
+    #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs)
+    INFERENCE_BLOCK_ROWS = 64
+
     def __init__(
         self,
         vocab_size: int,
@@ -63,14 +66,56 @@ class LSTMDecoder(nn.Module):
         """log p(target_t | ...) summed over real positions: (N,).
 
         Only the masked positions go through the (H x V) output layer, and the
-        log-softmax is taken in fp32 even under bf16 autocast.
+        log-softmax is taken in fp32 even under bf16 autocast. Without autograd
+        (evaluation, importance sampling) a leaner path reuses one logits buffer.
         """
-        flat = states[mask]                                    # (M, H)
-        logits = self.out(flat).float()                        # (M, V)
-        nll = F.cross_entropy(logits, targets[mask], reduction="none")  # (M,)
-        out = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device)
-        out[mask] = -nll
+        flat, tgt = states[mask], targets[mask]               # (M, H), (M,)
+        if torch.is_grad_enabled():
+            logits = self.out(flat).float()                    # (M, V)
+            tok = -F.cross_entropy(logits, tgt, reduction="none")  # (M,)
+        else:
+            tok = self._inference_log_probs(flat, tgt)
+        out = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
+        out[mask] = tok
         return out.sum(1)
+
+    def _inference_log_probs(self, flat: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """log softmax(W h + b)[target] without autograd, (M,).
+
+        The target logit is an fp32 dot product (M x H work); the log-normalizer uses a
+        (rows x V) buffer kept between calls, so importance sampling with hundreds of
+        chunks does not allocate (and page-fault) a fresh logits tensor each time.
+        Under bf16 autocast the big product runs in bf16 (AMX) and is exponentiated in
+        place; the sum and log are fp32.
+        """
+        weight, bias = self.out.weight, self.out.bias          # (V, H), (V,)
+        target = (flat.float() * weight[tgt].float()).sum(-1) + bias[tgt].float()  # (M,) fp32
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if dtype != weight.dtype:
+            key = (weight._version, bias._version, weight.data_ptr(), dtype)
+            if getattr(self, "_lowp_key", None) != key:
+                self._lowp = (weight.to(dtype).t().contiguous(), bias.to(dtype))
+                self._lowp_key = key
+            w_t, b = self._lowp
+        else:
+            w_t, b = weight.t(), bias
+        M, V = flat.size(0), weight.size(0)
+        rows = self.INFERENCE_BLOCK_ROWS
+        buf = getattr(self, "_logits_buffer", None)
+        if buf is None or buf.dtype != dtype:
+            buf = self._logits_buffer = torch.empty(rows, V, dtype=dtype, device=flat.device)
+        x = flat.to(dtype)
+        lse = torch.empty(M, dtype=torch.float32, device=flat.device)
+        with torch.autocast("cpu", enabled=False):
+            # Row blocks small enough that the logits stay in cache between the product,
+            # the max, the exp and the sum: one trip to memory instead of four.
+            for start in range(0, M, rows):
+                stop = min(M, start + rows)
+                logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
+                peak = logits.amax(1, keepdim=True)
+                logits.sub_(peak).exp_()
+                lse[start:stop] = peak.squeeze(1).float() + logits.sum(1, dtype=torch.float32).log()
+        return target - lse
 
     @torch.no_grad()
     def generate(

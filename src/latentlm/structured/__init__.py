@@ -1,0 +1,30 @@
+"""Exact dynamic programs over chains: log-partition, marginals, Viterbi, sampling, entropy."""
+
+from latentlm.structured.chain import (
+    chain_entropy,
+    chain_log_partition,
+    chain_marginals,
+    chain_sample,
+    chain_score,
+    chain_viterbi,
+    crf_entropy,
+    crf_log_partition,
+    crf_marginals,
+    crf_sample,
+    crf_score,
+    crf_viterbi,
+    emission_scores,
+    hmm_entropy,
+    hmm_log_likelihood,
+    hmm_marginals,
+    hmm_sample,
+    hmm_viterbi,
+)
+from latentlm.structured.crf import LinearChainCRF
+
+__all__ = [
+    "emission_scores", "hmm_log_likelihood", "hmm_marginals", "hmm_viterbi", "hmm_sample", "hmm_entropy",
+    "crf_log_partition", "crf_marginals", "crf_viterbi", "crf_sample", "crf_entropy", "crf_score",
+    "chain_log_partition", "chain_marginals", "chain_viterbi", "chain_sample", "chain_entropy",
+    "chain_score", "LinearChainCRF",
+]
