@@ -18,7 +18,7 @@ from latentlm.training.trainer import load_corpus, make_optimizer
 from conftest import REPO
 
 COLLAPSE = sorted((REPO / "configs" / "ptb" / "collapse").glob("*.yaml"))
-#: keys of the train section whose trainer hooks may not be wired yet (see training/aggressive.py, pretrain.py)
+#: train-section keys that switch on trainer hooks (training/aggressive.py, training/pretrain.py)
 HOOK_KEYS = ("aggressive", "pretrain_encoder_epochs")
 
 

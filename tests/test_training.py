@@ -123,3 +123,20 @@ def test_bf16_mixed_precision_trains(tmp_path):
     summary = train(cfg, tmp_path / "run", progress=False)
     nll = [float(r["nll"]) for r in _valid_rows(tmp_path / "run")]
     assert nll[-1] < nll[0] and summary["best_valid_nll"] < 200
+
+
+def test_aggressive_encoder_phase_runs_through_the_trainer_and_resumes(tmp_path):
+    cfg = load_config(TINY_VAE, ["train.epochs=2", "train.checkpoint_every=5",
+                                 "train.aggressive={max_inner_steps: 3, check_every: 1, max_epochs: 1}"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["epoch"] == 2
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoints" / latest["folder"] / "state.json").read_text())
+    assert state["aggressive"]["epochs_done"] == 1 and state["aggressive"]["active"] is False
+
+
+def test_pretrain_hook_runs_two_stages(tmp_path):
+    cfg = load_config(TINY_VAE, ["train.epochs=1", "train.pretrain_encoder_epochs=1"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "pretrain" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -51,6 +51,8 @@ class TrainConfig:
     precision: str = "fp32"            # fp32 | bf16-mixed
     num_threads: int | None = None
     keep_checkpoints: int = 2
+    aggressive: dict[str, Any] | None = None  # {max_inner_steps, check_every, max_epochs}: He et al. 2019
+    pretrain_encoder_epochs: int = 0          # >0: autoencoder pretraining, then reset the decoder (Li et al. 2019)
 
 
 @dataclass

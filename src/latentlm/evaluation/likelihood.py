@@ -18,7 +18,7 @@ IS_TOKENS_PER_CHUNK = 12_000
 @torch.no_grad()
 def importance_sampled_log_marginal(
     model: LatentVariableModel, posterior: Posterior, batch: Batch, samples: int = 500,
-    chunk: int | None = None, noise: torch.Tensor | None = None,
+    chunk: int | None = None, noise: torch.Tensor | None = None, q=None,
 ) -> torch.Tensor:
     """log p(x) ~= log (1/k) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); (B,).
 
@@ -26,9 +26,11 @@ def importance_sampled_log_marginal(
     batched decoder pass over (chunk * B) rows. Consistent: -> log p(x) as k grows, and a
     lower bound in expectation for every k (the IWAE bound). ``noise`` (k, B, D), for a
     Gaussian q, fixes the standard-normal draws (z = mean + std * noise) so that two
-    evaluations can use the same samples.
+    evaluations can use the same samples. ``q`` skips the call to ``posterior`` when the
+    caller already holds q(z | x) for this batch.
     """
-    q, p = posterior(batch), model.prior()
+    q = posterior(batch) if q is None else q
+    p = model.prior()
     if chunk is None:
         chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * batch.inputs.size(1)))
     log_w = []

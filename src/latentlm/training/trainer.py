@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from latentlm.data.vocab import Vocab
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
 from latentlm.system import System, build_system
+from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
                                           save_checkpoint, save_weights)
 
@@ -134,9 +136,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
         self.state = TrainState()
+        self.aggressive = AggressiveEncoderTraining.from_config(cfg.train.aggressive, self.system, lr=cfg.train.lr,
+                                                                clip=cfg.train.clip)
         if self.ckpt is not None:
             saved = load_checkpoint(self.ckpt, self.system, self.optimizer)
             self.state = TrainState(**saved["train_state"])
+            if self.aggressive is not None and "aggressive" in saved:
+                self.aggressive.load_state_dict(saved["aggressive"])
             if self.state.stopped == "budget":  # a new budget may let it go on
                 self.state.stopped = None
             self.scheduler.load_state_dict(self.state.scheduler)
@@ -177,8 +183,11 @@ class Trainer:
         if not self.is_main:
             return
         self.state.scheduler = self.scheduler.state_dict()
-        save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self.optimizer,
-                        {"train_state": self.state.__dict__}, keep=self.config.train.keep_checkpoints)
+        extra = {"train_state": self.state.__dict__}
+        if self.aggressive is not None:
+            extra["aggressive"] = self.aggressive.state_dict()
+        save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self.optimizer, extra,
+                        keep=self.config.train.keep_checkpoints)
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -207,12 +216,20 @@ class Trainer:
             window_tokens, window_start = 0, time.monotonic()
             while st.batch_in_epoch < len(batches):
                 batch = self.train_set.make_batch(batches[st.batch_in_epoch])
+                if self.aggressive is not None and self.aggressive.active:
+                    rng = random.Random(cfg.seed * 7919 + st.step)  # encoder batches: a function of the step
+                    with autocast(t.precision):
+                        self.aggressive.train_encoder(
+                            forward, batch, lambda: self.train_set.make_batch(batches[rng.randrange(len(batches))]),
+                            st.step)
                 with autocast(t.precision):
                     out = forward(batch, st.step)
                 loss = out.loss
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.isfinite(loss):
                     loss.backward()
+                    if self.aggressive is not None:
+                        self.aggressive.before_optimizer_step()
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.system.parameters(), t.clip or math.inf)
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     what = "loss" if not torch.isfinite(loss) else "gradient norm"
@@ -254,6 +271,10 @@ class Trainer:
                 st.batch_in_epoch = 0
                 if not t.eval_every:
                     self._validate_and_schedule(per_epoch=True)
+                if self.aggressive is not None and self.aggressive.active:
+                    still = self.aggressive.end_epoch(self.valid_set, cfg.eval.batch_size)
+                    if self.is_main and not still:
+                        tqdm.write(f"step {st.step}: aggressive encoder phase over; normal training from here")
         final = self._finish()
         return final
 
@@ -300,4 +321,11 @@ class Trainer:
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Fit ``config`` into ``out_dir``. With ``train.pretrain_encoder_epochs``, first an
+    autoencoder stage (beta = 0) whose encoder initializes the real run (decoder reset)."""
+    if config.train.pretrain_encoder_epochs:
+        from latentlm.training.pretrain import pretrain_then_train
+
+        return pretrain_then_train(config, out_dir, config.train.pretrain_encoder_epochs, resume=resume,
+                                   progress=progress)
     return Trainer(config, out_dir, resume=resume, progress=progress).fit()
