@@ -71,3 +71,36 @@ def test_lm_trains_on_a_user_corpus(tmp_path, tiny_corpus):
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("evaluate", tmp_path / "run", "--json")
     assert json.loads(proc.stdout)["examples"] == 30
+
+
+def test_tag_writes_states_and_scores_gold_tags(tmp_path):
+    out = tmp_path / "hmm"
+    proc = run_cli("train", REPO / "configs" / "tiny_hmm.yaml", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    tsv = tmp_path / "gold.tsv"
+    tsv.write_text("the\tDT\ncompany\tNN\nsaid\tVBD\n\nprices\tNNS\nfell\tVBD\n\n")
+    proc = run_cli("tag", out, "--data", tsv, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [len(s) for s in result["states"]] == [3, 2]
+    assert all(0 <= k < 8 for s in result["states"] for k in s)
+    assert 0 < result["many_to_one"] <= 1 and "v_measure" in result
+    proc = run_cli("evaluate", out, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["samples"] == 0  # exact marginal
+
+
+def test_cluster_fits_and_assigns_documents(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    topics = {"sport": "match goal team player season coach league win", "money": "bank market shares profit price stock rate fund"}
+    lines = []
+    g = __import__("random").Random(0)
+    for i in range(60):
+        label = "sport" if i % 2 else "money"
+        words = topics[label].split()
+        lines.append(json.dumps({"id": str(i), "label": label, "label_id": i % 2,
+                                 "text": " ".join(g.choice(words) for _ in range(30))}))
+    docs.write_text("\n".join(lines) + "\n")
+    proc = run_cli("cluster", tmp_path / "m1", "--data", docs, "--fit", 2, "--min-df", 1, "--restarts", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["nmi"] > 0.9 and len(result["assignments"]) == 60 and "kmeans_tfidf" in result

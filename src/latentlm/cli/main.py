@@ -95,6 +95,107 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
+def _cmd_tag(args) -> int:
+    """Viterbi states of every sentence; gold-tag scores when the file carries tags."""
+    from latentlm.data.batching import TextDataset
+    from latentlm.data.conll import read_conllu, read_tagged_tsv
+    from latentlm.data.corpus import read_lines
+    from latentlm.evaluation.tagging import tagging_scores
+    from latentlm.system import load_pretrained
+
+    system, _, vocab = load_pretrained(args.dir)
+    model = system.model
+    if not hasattr(model, "tag"):
+        raise LatentLMError(f"{args.dir} holds a {type(model).__name__}, which does not tag; train an hmm or neural_hmm")
+    path = Path(args.data)
+    gold = None
+    if path.suffix == ".conllu":
+        corpus = read_conllu(path, args.tagset)
+        sentences, gold = corpus.words, corpus.tags
+    elif path.suffix == ".tsv":
+        corpus = read_tagged_tsv(path)
+        sentences, gold = corpus.words, corpus.tags
+    else:
+        sentences = read_lines(path).lines
+    dataset = TextDataset(sentences, vocab)
+    states: list[list[int]] = [[] for _ in sentences]
+    for idx in dataset.batch_indices(args.batch_size):
+        batch = dataset.make_batch(idx)
+        tags = model.tag(batch)  # (B, N)
+        for row, i in enumerate(idx):
+            states[i] = tags[row, : len(sentences[i])].tolist()
+    result = {"sentences": len(sentences), "tokens": sum(map(len, sentences))}
+    if gold is not None:
+        flat_gold = [t for s in gold for t in s]
+        flat_pred = [k for s in states for k in s]
+        result.update(tagging_scores(flat_pred, flat_gold).as_dict())
+    if args.json:
+        print(json.dumps({**result, "states": states}))
+    else:
+        for words, ks in zip(sentences, states):
+            print(" ".join(f"{w}/{k}" for w, k in zip(words, ks)))
+        if gold is not None:
+            print(json.dumps(result), file=sys.stderr)
+    return 0
+
+
+def _cmd_cluster(args) -> int:
+    """MAP cluster of every document under a naive-Bayes mixture (M1), fitted first with --fit K."""
+    import torch
+
+    from latentlm.config import Config, DataConfig
+    from latentlm.data.documents import load_documents
+    from latentlm.evaluation.clustering import cluster_documents, kmeans_tfidf, score_assignments
+    from latentlm.inference.em import EMConfig, fit_em
+    from latentlm.models.nb_mixture import NaiveBayesMixture
+    from latentlm.system import System, build_system, load_pretrained
+    from latentlm.training.checkpoint import atomic_write_text, save_weights
+    from latentlm.inference.exact import ExactMarginal
+
+    out = Path(args.dir)
+    if args.fit:
+        docs = load_documents(args.data, max_size=args.vocab_size, min_df=args.min_df)
+        model = NaiveBayesMixture(docs.vocab_size, args.fit)
+        torch.manual_seed(args.seed)
+        fit_em(model, docs, EMConfig(anneal=True, smoothing=0.01, restarts=args.restarts, seed=args.seed,
+                                     perturbation=0.01))
+        config = Config(data=DataConfig(name=str(args.data)), model={"type": "nb_mixture", "num_clusters": args.fit},
+                        objective={"type": "exact"})
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", config.to_json())
+        docs.vocab.save(out / "vocab.json")
+        save_weights(System(model, None, ExactMarginal()), out / "model.safetensors")
+    system, _, vocab = load_pretrained(out)
+    if not isinstance(system.model, NaiveBayesMixture):
+        raise LatentLMError(f"{out} holds a {type(system.model).__name__}; `cluster` needs an nb_mixture run")
+    docs = load_documents(args.data, vocab=vocab)
+    result = cluster_documents(system.model, docs, top_n=args.top)
+    if docs.labels is not None:
+        km = kmeans_tfidf(docs.counts, result["num_clusters"], seed=args.seed)
+        result["kmeans_tfidf"] = {k: v for k, v in score_assignments(docs.labels, km, result["num_clusters"]).items()
+                                  if k in ("nmi", "purity")}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, words in enumerate(result["top_words"]):
+            print(f"cluster {k:>2} ({result['usage']['sizes'][k]:>5} docs): {' '.join(words)}")
+        for key in ("nmi", "purity", "perplexity"):
+            if key in result:
+                print(f"{key}: {result[key]:.3f}")
+        if "kmeans_tfidf" in result:
+            print(f"k-means on tf-idf: nmi {result['kmeans_tfidf']['nmi']:.3f} purity {result['kmeans_tfidf']['purity']:.3f}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from latentlm.evaluation.estimator_study import run_estimator_study
+
+    out = args.out or str(Path(args.dir) / "estimator_study")
+    rows = run_estimator_study(args.dir, out, draws=args.draws, seed=args.seed)
+    print(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +237,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("sentences", nargs="+")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("tag", help="Viterbi states of each sentence under an HMM run (scores vs gold tags if given)")
+    p.add_argument("dir")
+    p.add_argument("--data", required=True, help="text (one sentence per line), token<TAB>tag .tsv, or .conllu")
+    p.add_argument("--tagset", default="upos", choices=["upos", "xpos"], help="gold tags of a .conllu file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_tag)
+
+    p = sub.add_parser("cluster", help="MAP cluster of each document under a naive-Bayes mixture (M1)")
+    p.add_argument("dir", help="run directory; with --fit K it is created by annealed EM on --data")
+    p.add_argument("--data", required=True, help="documents, .jsonl with a 'text' field (and 'label' if known)")
+    p.add_argument("--fit", type=int, metavar="K", help="first fit K clusters by annealed EM")
+    p.add_argument("--restarts", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=10_000)
+    p.add_argument("--min-df", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_cluster)
+
+    p = sub.add_parser("bench", help="measurements: `latentlm bench estimators DIR` (gradient estimator study)")
+    p.add_argument("what", choices=["estimators"])
+    p.add_argument("dir")
+    p.add_argument("--out", default=None, help="folder for the table and plot (default DIR/estimator_study)")
+    p.add_argument("--draws", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
