@@ -73,3 +73,39 @@ def test_generation_ends_and_is_reproducible():
     b = model.generate(z, 3, max_len=7, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape[1] <= 7
     assert not ((a == vocab.bos_id) | (a == vocab.pad_id) & (torch.arange(a.size(1)) == 0)).any()
+
+
+def test_fused_output_layer_matches_log_softmax_and_its_gradients():
+    from latentlm.nn.output import linear_log_softmax_gather
+
+    torch.manual_seed(0)
+    M, H, V = 600, 16, 700  # more rows than one block
+    h = torch.randn(M, H, requires_grad=True)
+    w = (0.3 * torch.randn(V, H)).requires_grad_()
+    b = torch.randn(V, requires_grad=True)
+    t, g = torch.randint(0, V, (M,)), torch.randn(M)
+    ref = -F.cross_entropy(h @ w.T + b, t, reduction="none")
+    ref_grads = torch.autograd.grad((ref * g).sum(), (h, w, b))
+    out = linear_log_softmax_gather(h, w, b, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(torch.autograd.grad((out * g).sum(), (h, w, b)), ref_grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, fp32 normalizer
+        low = linear_log_softmax_gather(h, w, b, t)
+    assert low.dtype == torch.float32 and (low - ref).abs().max() < 0.1
+    for a, c in zip(torch.autograd.grad((low * g).sum(), (h, w, b)), ref_grads):
+        assert (a - c).abs().max() < 0.05 * c.abs().max()
+
+
+def test_inference_log_probs_match_the_training_path():
+    torch.manual_seed(0)
+    vocab = Vocab.build([["a", "b", "c"]])
+    model = SentenceVAE(len(vocab), embed_dim=4, hidden_dim=5, latent_dim=2).eval()
+    batch = TextDataset([["a", "b"], ["c", "a", "b", "b"]], vocab).make_batch([0, 1])
+    z = torch.randn(3, 2, 2)
+    model.decoder.INFERENCE_BLOCK_ROWS = 4  # several blocks and a ragged last one
+    with torch.enable_grad():
+        train_path = model.log_likelihood(batch, z)
+    with torch.no_grad():
+        infer_path = model.log_likelihood(batch, z)
+    torch.testing.assert_close(infer_path, train_path.detach(), rtol=1e-5, atol=1e-5)

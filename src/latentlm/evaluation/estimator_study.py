@@ -46,7 +46,7 @@ DEFAULT_ESTIMATORS: dict[str, dict[str, Any]] = {
     "sf_moving_average": {"type": "elbo", "estimator": {"type": "score_function", "baseline": "moving_average"},
                           "warmup": 50},
     "sf_learned": {"type": "elbo", "estimator": {"type": "score_function", "baseline": "learned"},
-                   "warmup": 300},
+                   "warmup": 1000},
     "sf_leave_one_out": {"type": "elbo", "estimator": {"type": "score_function", "baseline": "leave_one_out"}},
     "gumbel_tau1": {"type": "elbo", "estimator": {"type": "gumbel", "temperature": 1.0, "min_temperature": 1.0}},
     "gumbel_tau0.5": {"type": "elbo", "estimator": {"type": "gumbel", "temperature": 0.5, "min_temperature": 0.5}},
@@ -105,7 +105,7 @@ def exact_iwae_gradient(model, posterior, batch: Batch, samples: int) -> torch.T
     return _flat_grad((weight * bound).sum(0).mean(), params)
 
 
-def _warm_up(objective: Objective, model, posterior, batch: Batch, steps: int, lr: float = 0.03) -> None:
+def _warm_up(objective: Objective, model, posterior, batch: Batch, steps: int, lr: float = 0.01) -> None:
     """Train the estimator's own state on the batch, as training would have: moving averages
     update in train mode; a learned baseline's parameters follow its squared-error loss."""
     own = [p for p in objective.parameters() if p.requires_grad]

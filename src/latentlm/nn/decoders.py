@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentlm.data.vocab import Vocab
+from latentlm.nn.output import linear_log_softmax_gather
+
+#: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
+FUSED_OUTPUT_MODE = "bf16"
 
 
 def word_dropout(inputs: torch.Tensor, rate: float, unk_id: int = Vocab.unk_id) -> torch.Tensor:
@@ -70,7 +74,9 @@ class LSTMDecoder(nn.Module):
         (evaluation, importance sampling) a leaner path reuses one logits buffer.
         """
         flat, tgt = states[mask], targets[mask]               # (M, H), (M,)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.fused_output(flat):
+            tok = linear_log_softmax_gather(flat, self.out.weight, self.out.bias, tgt)
+        elif torch.is_grad_enabled():
             logits = self.out(flat).float()                    # (M, V)
             tok = -F.cross_entropy(logits, tgt, reduction="none")  # (M,)
         else:
@@ -78,6 +84,12 @@ class LSTMDecoder(nn.Module):
         out = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
         out[mask] = tok
         return out.sum(1)
+
+    @staticmethod
+    def fused_output(flat: torch.Tensor) -> bool:
+        """Training uses the fused blocked output layer under bf16 autocast, where memory
+        traffic dominates; in fp32 the extra product of its backward costs more than it saves."""
+        return FUSED_OUTPUT_MODE == "always" or (FUSED_OUTPUT_MODE == "bf16" and torch.is_autocast_enabled("cpu"))
 
     def _inference_log_probs(self, flat: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """log softmax(W h + b)[target] without autograd, (M,).

@@ -63,11 +63,13 @@ def load_corpus(config: Config, vocab: Vocab | None = None, splits=("train", "va
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    # fused=True: one multi-tensor kernel per step instead of ~6 elementwise passes per
+    # parameter (about a tenth of a sentence-VAE step on CPU with the unfused Adam).
     t = config.train
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=True)
     raise ConfigError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
 
 
