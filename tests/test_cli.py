@@ -104,3 +104,9 @@ def test_cluster_fits_and_assigns_documents(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["nmi"] > 0.9 and len(result["assignments"]) == 60 and "kmeans_tfidf" in result
+
+
+def test_evaluate_in_bf16_stays_close_to_fp32(trained_vae):
+    fp32 = json.loads(run_cli("evaluate", trained_vae, "--samples", "20", "--json").stdout)
+    bf16 = json.loads(run_cli("evaluate", trained_vae, "--samples", "20", "--json", "--precision", "bf16-mixed").stdout)
+    assert bf16["precision"] == "bf16-mixed" and abs(bf16["nll"] - fp32["nll"]) < 0.5

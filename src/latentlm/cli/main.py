@@ -42,7 +42,8 @@ def _cmd_evaluate(args) -> int:
     system, config, _, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit)
     samples = args.samples if args.samples is not None else config.eval.samples
     result = evaluate(system, dataset, samples=samples, batch_size=config.eval.batch_size,
-                      seed=config.eval.seed, progress=not args.json)
+                      seed=config.eval.seed, progress=not args.json, precision=args.precision)
+    result["precision"] = args.precision
     result["split"] = args.split
     if args.json:
         print(json.dumps(result))
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
+                   help="bf16-mixed: networks under bf16 autocast, normalizers in fp32 (faster IS-k)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sample", help="sentences sampled from the model (from the prior for latent models)")

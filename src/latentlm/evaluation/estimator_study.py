@@ -8,7 +8,9 @@ its gradients g_1..g_N (flattened over every parameter of q) give
 
 - ``bias`` = ||mean(g) - exact||, next to ``bias_floor`` = sqrt(trace(Cov g) / N), the
   distance an *unbiased* estimator's mean would still be from the exact gradient because of
-  Monte Carlo noise alone: a bias well above the floor is real;
+  Monte Carlo noise alone: a bias well above the floor is real. Since
+  E||mean - exact||^2 = ||E g - exact||^2 + trace(Cov g) / N, ``bias_excess`` =
+  sqrt(max(0, bias^2 - bias_floor^2)) estimates the true bias with the noise taken out;
 - ``variance`` = trace(Cov g) = E||g - E g||^2, the total variance;
 - ``cosine`` between mean(g) and the exact gradient;
 - ``ms_per_draw``, the wall-clock cost of one draw (objective + backward to phi).
@@ -56,7 +58,7 @@ DEFAULT_ESTIMATORS: dict[str, dict[str, Any]] = {
     "vimco": {"type": "vimco"},
 }
 
-ROW_KEYS = ("estimator", "target", "samples", "draws", "warmup", "bias", "bias_floor", "relative_bias",
+ROW_KEYS = ("estimator", "target", "samples", "draws", "warmup", "bias", "bias_floor", "bias_excess", "relative_bias",
             "variance", "cosine", "exact_norm", "ms_per_draw")
 
 _MAX_TUPLES = 200_000  # K^S sample tuples enumerated for the exact IWAE-S gradient
@@ -191,7 +193,8 @@ def estimator_study(system, batch: Batch, estimators: dict[str, Any] | None = No
                     "estimator": name, "target": target,
                     "samples": 0 if isinstance(getattr(objective, "estimator", None), Enumeration) else S,
                     "draws": draws, "warmup": warmup, "bias": bias,
-                    "bias_floor": math.sqrt(variance / draws), "relative_bias": bias / max(float(ref.norm()), 1e-30),
+                    "bias_floor": math.sqrt(variance / draws),
+                    "bias_excess": math.sqrt(max(0.0, bias ** 2 - variance / draws)), "relative_bias": bias / max(float(ref.norm()), 1e-30),
                     "variance": variance,
                     "cosine": float(torch.nn.functional.cosine_similarity(mean, ref, dim=0)),
                     "exact_norm": float(ref.norm()), "ms_per_draw": 1000 * seconds,
@@ -205,18 +208,18 @@ def estimator_study(system, batch: Batch, estimators: dict[str, Any] | None = No
 
 # -- reporting ----------------------------------------------------------------------------------
 
-_HEADER = ("| estimator | target | S | bias ‖mean − exact‖ | noise floor √(tr Σ / N) | bias / ‖exact‖ "
-           "| variance tr Σ | cosine | ms / draw |")
+_HEADER = ("| estimator | target | S | bias ‖mean − exact‖ | noise floor √(tr Σ / N) | excess √(bias² − floor²) "
+           "| bias / ‖exact‖ | variance tr Σ | cosine | ms / draw |")
 
 
 def _format_row(r: dict[str, Any]) -> str:
     return (f"| {r['estimator']} | {r['target']} | {r['samples']} | {r['bias']:.3g} | {r['bias_floor']:.3g} "
-            f"| {r['relative_bias']:.3g} | {r['variance']:.3g} | {r['cosine']:.3f} | {r['ms_per_draw']:.0f} |")
+            f"| {r['bias_excess']:.3g} | {r['relative_bias']:.3g} | {r['variance']:.3g} | {r['cosine']:.3f} | {r['ms_per_draw']:.0f} |")
 
 
 def study_table(rows: Iterable[dict[str, Any]]) -> str:
     rows = list(rows)
-    return "\n".join([_HEADER, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    return "\n".join([_HEADER, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
                      + [_format_row(r) for r in rows]) + "\n"
 
 
@@ -237,14 +240,21 @@ def write_study(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "es
     paths["json"].write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
     names = [r["estimator"] for r in rows]
-    tiny = 1e-12  # a zero (enumeration) cannot sit on a log axis: draw it at the bottom
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
     for ax, key, label in ((axes[0], "bias", "bias ‖mean − exact‖"), (axes[1], "variance", "variance tr Σ")):
+        keys = (key, "bias_floor", "bias_excess") if key == "bias" else (key,)
+        positive = [r[k] for r in rows for k in keys if r[k] > 0]
+        tiny = min(positive, default=1.0) / 10  # a zero (enumeration) cannot sit on a log axis
         values = [max(r[key], tiny) for r in rows]
-        ax.barh(names, values, color=["tab:gray" if r[key] <= tiny else "tab:blue" for r in rows])
+        ax.barh(names, values, color=["tab:gray" if r[key] <= 0 else "tab:blue" for r in rows])
+        for name, r in zip(names, rows):
+            if r[key] <= 0:
+                ax.annotate(" 0 (exact)", (tiny, name), va="center", fontsize=8)
         if key == "bias":
             ax.scatter([max(r["bias_floor"], tiny) for r in rows], names, marker="|", s=200, color="black",
                        label="noise floor √(tr Σ / N)", zorder=3)
+            ax.scatter([max(r["bias_excess"], tiny) for r in rows], names, marker="o", s=25, color="tab:orange",
+                       label="excess √(bias² − floor²)", zorder=4)
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log scale)")

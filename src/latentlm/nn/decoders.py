@@ -97,7 +97,7 @@ class LSTMDecoder(nn.Module):
         The target logit is an fp32 dot product (M x H work); the log-normalizer uses a
         (rows x V) buffer kept between calls, so importance sampling with hundreds of
         chunks does not allocate (and page-fault) a fresh logits tensor each time.
-        Under bf16 autocast the big product runs in bf16 (AMX) and is exponentiated in
+        Under bf16 autocast the big product runs in bf16 (AVX-512 BF16) and is exponentiated in
         place; the sum and log are fp32.
         """
         weight, bias = self.out.weight, self.out.bias          # (V, H), (V,)

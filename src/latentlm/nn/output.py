@@ -5,7 +5,7 @@ about (E + H) x 4H for the LSTM), and under bf16 autocast the rest of its cost i
 traffic: the (M, V) logits cast to fp32, log-softmax, its backward, the cast back. The
 fused version keeps each block of rows' logits in cache: the forward computes
 log softmax(W h + b)[target] with fp32 accumulation of the normalizer; the backward
-recomputes the block's logits (one extra bf16 matrix product, cheap on AMX units)
+recomputes the block's logits (one extra bf16 matrix product, cheap on bf16 units: AVX-512 BF16 here)
 instead of storing (M, V) probabilities.
 """
 
