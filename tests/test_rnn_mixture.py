@@ -182,3 +182,17 @@ def test_vimco_gradient_is_unbiased_for_the_iwae_bound(toy):
     grads = torch.stack(grads)
     mean, sem = grads.mean(0), grads.std(0) / math.sqrt(len(grads))
     assert ((mean - exact).abs() <= 4.5 * sem + 1e-5).all(), (mean, exact, sem)
+
+
+def test_learned_baseline_trains_through_the_elbo_and_reads_any_batch(toy):
+    model, posterior, batch, _ = toy
+    objective = ELBO(estimator={"type": "score_function", "baseline": "learned"}, vocab_size=8)
+    out = objective(model, posterior, batch)
+    baseline = objective.estimator.network
+    assert out.loss.requires_grad
+    out.loss.backward()
+    assert baseline.mlp[0].weight.grad is not None  # the squared-error fit reaches psi
+    from latentlm.data.documents import BowBatch
+
+    bow = BowBatch(counts=torch.ones(2, 8), lengths=torch.tensor([8, 8]), index=torch.arange(2))
+    assert baseline(bow).shape == (2,)

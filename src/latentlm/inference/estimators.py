@@ -18,9 +18,9 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, RelaxedOneHotCategorical
 
 from latentlm.data.batching import Batch
-from latentlm.data.vocab import Vocab
 from latentlm.errors import ConfigError
 from latentlm.models.base import LatentVariableModel
+from latentlm.nn.bow import bag_of_words
 
 
 @dataclass
@@ -59,16 +59,19 @@ class Enumeration(Estimator):
 
 
 class BagOfWordsBaseline(nn.Module):
-    """Input-dependent baseline B(x; psi): mean word embedding -> MLP -> scalar (Mnih & Gregor 2014)."""
+    """Input-dependent baseline B(x; psi): log(1 + word counts) -> MLP -> scalar (Mnih & Gregor 2014).
+
+    Reads a text ``Batch`` or a document ``BowBatch`` alike (see :func:`latentlm.nn.bow.bag_of_words`).
+    """
 
     def __init__(self, vocab_size: int, dim: int = 64):
         super().__init__()
-        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=Vocab.pad_id)
-        self.mlp = nn.Sequential(nn.Linear(dim + 1, dim), nn.Tanh(), nn.Linear(dim, 1))
+        self.vocab_size = vocab_size
+        self.mlp = nn.Sequential(nn.Linear(vocab_size, dim), nn.Tanh(), nn.Linear(dim, 1))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        feats = torch.cat([self.embed(batch.targets), batch.lengths[:, None].float() / 10], -1)
-        return self.mlp(feats).squeeze(-1)  # (B,)
+    def forward(self, batch) -> torch.Tensor:
+        counts = bag_of_words(batch, self.vocab_size, self.mlp[0].weight.dtype)  # (B, V)
+        return self.mlp(torch.log1p(counts)).squeeze(-1)  # (B,)
 
 
 class ScoreFunction(Estimator):

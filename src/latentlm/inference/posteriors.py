@@ -9,6 +9,7 @@ from torch.distributions import Categorical, Independent, Normal
 from latentlm.data.batching import Batch
 from latentlm.inference.base import Posterior
 from latentlm.inference.flows import FlowLSTMPosterior
+from latentlm.nn.bow import bag_of_words
 from latentlm.nn.encoders import LSTMEncoder
 
 
@@ -44,14 +45,6 @@ class CategoricalLSTMPosterior(Posterior):
         return Categorical(logits=self.to_logits(self.encoder(batch.tokens, batch.lengths)))  # (B, K)
 
 
-def bag_of_words_counts(batch, vocab_size: int) -> torch.Tensor:
-    """(B, V) word counts of a text ``Batch`` (targets: words and </s>) or a ``BowBatch``."""
-    if hasattr(batch, "dense_counts"):
-        return batch.dense_counts()
-    counts = torch.zeros(batch.size, vocab_size)
-    return counts.scatter_add_(1, batch.targets, batch.mask.float())
-
-
 class CategoricalBowPosterior(Posterior):
     """Amortized q(z | x) over K clusters from a bag of words: log(1 + counts) -> MLP -> K logits."""
 
@@ -62,7 +55,7 @@ class CategoricalBowPosterior(Posterior):
         self.to_logits = nn.Linear(hidden_dim, latent_dim)
 
     def forward(self, batch) -> Categorical:
-        counts = bag_of_words_counts(batch, self.vocab_size).to(self.to_logits.weight.dtype)
+        counts = bag_of_words(batch, self.vocab_size, self.to_logits.weight.dtype)
         return Categorical(logits=self.to_logits(self.mlp(torch.log1p(counts))))
 
 
