@@ -192,7 +192,8 @@ def _cmd_bench(args) -> int:
     from latentlm.evaluation.estimator_study import run_estimator_study
 
     out = args.out or str(Path(args.dir) / "estimator_study")
-    rows = run_estimator_study(args.dir, out, draws=args.draws, seed=args.seed)
+    rows = run_estimator_study(args.dir, out, batch_size=args.batch_size, draws=args.draws, samples=args.samples,
+                               seed=args.seed, progress=True)
     print(json.dumps(rows, indent=1, default=float))
     return 0
 
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["estimators"])
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="folder for the table and plot (default DIR/estimator_study)")
-    p.add_argument("--draws", type=int, default=500)
+    p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=4, help="samples per draw for the multi-sample estimators")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -106,7 +106,7 @@ class ScoreFunction(Estimator):
         if self.baseline == "none":
             b = torch.zeros_like(signal)
         elif self.baseline == "moving_average":
-            b = self.average.expand_as(signal)
+            b = self.average.clone().expand_as(signal)  # the average *before* this draw's update
             if self.training:
                 with torch.no_grad():
                     mean = signal.mean()
