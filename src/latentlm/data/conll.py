@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentlm.data.corpus import read_utf8
 from latentlm.errors import CorpusError
 
 UD_COLUMNS = {"upos": 3, "xpos": 4}
@@ -33,42 +34,43 @@ class TaggedCorpus:
         return sorted({t for s in self.tags for t in s})
 
 
-def _read_text(path: str | os.PathLike) -> tuple[Path, list[str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path}: not UTF-8 ({err})") from None
-    return path, text.splitlines()
-
-
-def read_tagged_tsv(path: str | os.PathLike) -> TaggedCorpus:
-    """``token<TAB>tag`` per line, a blank line after each sentence (the last blank is optional)."""
-    path, lines = _read_text(path)
+def _tagged_sentences(path, parse) -> TaggedCorpus:
+    """Group (word, tag) lines into sentences at blank lines; ``parse(line, lineno)`` returns
+    a (word, tag) pair, or None for a line to skip."""
+    path, text = read_utf8(path)
     words: list[list[str]] = []
     tags: list[list[str]] = []
     sw: list[str] = []
     st: list[str] = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             if sw:
                 words.append(sw)
                 tags.append(st)
                 sw, st = [], []
             continue
-        parts = line.split("\t")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise CorpusError(f"{path}:{lineno}: expected 'token<TAB>tag', got {line!r}")
-        sw.append(parts[0])
-        st.append(parts[1])
+        pair = parse(line, lineno, path)
+        if pair is not None:
+            sw.append(pair[0])
+            st.append(pair[1])
     if sw:
         words.append(sw)
         tags.append(st)
     if not words:
         raise CorpusError(f"{path}: no sentences")
     return TaggedCorpus(words, tags)
+
+
+def read_tagged_tsv(path: str | os.PathLike) -> TaggedCorpus:
+    """``token<TAB>tag`` per line, a blank line after each sentence (the last blank is optional)."""
+
+    def parse(line, lineno, where):
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise CorpusError(f"{where}:{lineno}: expected 'token<TAB>tag', got {line!r}")
+        return parts[0], parts[1]
+
+    return _tagged_sentences(path, parse)
 
 
 def read_conllu(path: str | os.PathLike, tagset: str = "upos", lowercase: bool = False) -> TaggedCorpus:
@@ -80,32 +82,17 @@ def read_conllu(path: str | os.PathLike, tagset: str = "upos", lowercase: bool =
     if tagset not in UD_COLUMNS:
         raise ValueError(f"tagset must be one of {sorted(UD_COLUMNS)}, got {tagset!r}")
     col = UD_COLUMNS[tagset]
-    path, lines = _read_text(path)
-    words: list[list[str]] = []
-    tags: list[list[str]] = []
-    sw: list[str] = []
-    st: list[str] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            if sw:
-                words.append(sw)
-                tags.append(st)
-                sw, st = [], []
-            continue
+
+    def parse(line, lineno, where):
         if line.startswith("#"):
-            continue
+            return None
         parts = line.split("\t")
         if len(parts) != 10:
-            raise CorpusError(f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got {len(parts)}")
+            raise CorpusError(f"{where}:{lineno}: expected 10 tab-separated CoNLL-U columns, got {len(parts)}")
         if "-" in parts[0] or "." in parts[0]:
-            continue
+            return None
         if not parts[0].isdigit():
-            raise CorpusError(f"{path}:{lineno}: bad token id {parts[0]!r}")
-        sw.append(parts[1].lower() if lowercase else parts[1])
-        st.append(parts[col])
-    if sw:
-        words.append(sw)
-        tags.append(st)
-    if not words:
-        raise CorpusError(f"{path}: no sentences")
-    return TaggedCorpus(words, tags)
+            raise CorpusError(f"{where}:{lineno}: bad token id {parts[0]!r}")
+        return (parts[1].lower() if lowercase else parts[1]), parts[col]
+
+    return _tagged_sentences(path, parse)

@@ -70,6 +70,23 @@ class TextFile:
         return sum(len(s) for s in self.lines)
 
 
+def read_utf8(path: str | os.PathLike) -> tuple[Path, str]:
+    """The text of a file; a missing file or bytes that are not UTF-8 raise a
+    :class:`CorpusError` naming the file and the line of the first bad byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        return path, raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw[: err.start].count(b"\n") + 1
+        raise CorpusError(
+            f"{path}:{line_no}: bytes that are not UTF-8 ({raw[err.start:err.start + 4]!r} at byte "
+            f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def read_lines(
     path: str | os.PathLike,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -80,18 +97,7 @@ def read_lines(
     Raises :class:`CorpusError` for a missing or empty file, bytes that are not UTF-8,
     an empty line, or a line with more than ``max_tokens`` tokens, naming file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = raw[: err.start].count(b"\n") + 1
-        raise CorpusError(
-            f"{path}:{line_no}: bytes that are not UTF-8 ({raw[err.start:err.start + 4]!r} at byte "
-            f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+    path, text = read_utf8(path)
     lines: list[list[str]] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         tokens = line.split()

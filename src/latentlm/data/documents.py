@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import torch
 
 from latentlm.data.vocab import SPECIALS, Vocab
+from latentlm.data.corpus import read_utf8
 from latentlm.errors import CorpusError
 
 # Words of at least two word characters with at least one letter, so "x11" and "486dx" are
@@ -71,14 +72,7 @@ def read_documents(path: str | os.PathLike, limit: int | None = None) -> list[Do
         found = sorted(p.name for p in path.glob("*.jsonl"))
         hint = f"; it holds {', '.join(found)}" if found else ""
         raise CorpusError(f"{path}: is a folder, expected a .jsonl file{hint}")
-    if not path.is_file():
-        raise CorpusError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = raw[: err.start].count(b"\n") + 1
-        raise CorpusError(f"{path}:{line_no}: bytes that are not UTF-8 (at byte {err.start})") from None
+    path, text = read_utf8(path)
     docs: list[Document] = []
     # split on "\n" only: texts may hold "\r" and other separators inside JSON strings,
     # but raw control characters would already be invalid JSON.
