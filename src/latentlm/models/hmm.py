@@ -19,7 +19,6 @@ dynamic program's hand-written backward pass computes in one forward-backward sw
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -249,7 +248,3 @@ def fit_baum_welch(model: HMM, batches: list[Batch], config: BaumWelchConfig | N
             break
     seconds = time.perf_counter() - start
     return BaumWelchResult(history, seconds / max(len(history), 1), len(history))
-
-
-def perplexity(total_log_likelihood: float, tokens: int) -> float:
-    return math.exp(-total_log_likelihood / tokens)
