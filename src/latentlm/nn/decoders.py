@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentlm.data.vocab import Vocab
-from latentlm.nn.output import linear_log_softmax_gather
+from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_normalizer_
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
@@ -102,7 +102,7 @@ class LSTMDecoder(nn.Module):
         """
         weight, bias = self.out.weight, self.out.bias          # (V, H), (V,)
         target = (flat.float() * weight[tgt].float()).sum(-1) + bias[tgt].float()  # (M,) fp32
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        dtype = compute_dtype(weight)
         if dtype != weight.dtype:
             key = (weight._version, bias._version, weight.data_ptr(), dtype)
             if getattr(self, "_lowp_key", None) != key:
@@ -124,9 +124,7 @@ class LSTMDecoder(nn.Module):
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
                 logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
-                peak = logits.amax(1, keepdim=True)
-                logits.sub_(peak).exp_()
-                lse[start:stop] = peak.squeeze(1).float() + logits.sum(1, dtype=torch.float32).log()
+                lse[start:stop] = log_normalizer_(logits)
         return target - lse
 
     @torch.no_grad()

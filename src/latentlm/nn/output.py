@@ -16,6 +16,19 @@ import torch
 BLOCK_ROWS = 256
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype products run in: bf16 under CPU autocast, else the weight's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+
+
+def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of a (r, V) block, (r,) in fp32. Overwrites ``logits``
+    with exp(logits - max) so the block is read from cache, not copied."""
+    peak = logits.amax(1, keepdim=True)
+    logits.sub_(peak).exp_()
+    return peak.squeeze(1).float() + logits.sum(1, dtype=torch.float32).log()
+
+
 def _block_logits(h_blk: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return torch.addmm(bias, h_blk, weight_t, out=buf[: h_blk.size(0)])  # (r, V)
 
@@ -35,9 +48,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
             e = min(M, s + BLOCK_ROWS)
             logits = _block_logits(x[s:e], w_t, b, buf)
             tgt_logit[s:e] = logits.gather(1, target[s:e, None]).squeeze(1).float()
-            peak = logits.amax(1, keepdim=True)
-            logits.sub_(peak).exp_()
-            lse[s:e] = peak.squeeze(1).float() + logits.sum(1, dtype=torch.float32).log()
+            lse[s:e] = log_normalizer_(logits)
         ctx.save_for_backward(x, w_t, b, target, lse)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return tgt_logit - lse
@@ -73,6 +84,6 @@ def linear_log_softmax_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
     the weight's dtype); the normalizer is always accumulated in fp32.
     """
     if dtype is None:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        dtype = compute_dtype(weight)
     with torch.autocast("cpu", enabled=False):
         return _LinearLogSoftmaxGather.apply(h, weight, bias, target, dtype)
