@@ -1,4 +1,4 @@
-"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct."""
+"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct, tag, cluster, grid, bench."""
 
 from __future__ import annotations
 
@@ -198,6 +198,23 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_grid(args) -> int:
+    from latentlm.report.grid import run_grid, update_results_file, write_report
+
+    if args.report_only:
+        table = write_report(args.out, args.configs)
+    else:
+        run_grid(args.configs, args.out, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+                 overrides=args.set, test_limit=args.test_limit, samples=args.samples, precision=args.precision,
+                 gap_sentences=args.gap_sentences, gap_steps=args.gap_steps, data_dir=args.data_dir)
+        table = write_report(args.out, args.configs)
+    if args.results:
+        note = (Path(args.out) / "grid.md").read_text(encoding="utf-8") if (Path(args.out) / "grid.md").is_file() else table
+        update_results_file(args.results, args.name or Path(args.out).name, note)
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_cluster)
+
+    p = sub.add_parser("grid", help="train and evaluate every config (x seeds) under one budget; one table + plots")
+    p.add_argument("configs", nargs="+", help="YAML configs, one table row each")
+    p.add_argument("--out", default="runs/grid", help="folder of the runs and the report")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="rows trained at once, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row")
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test sentences")
+    p.add_argument("--samples", type=int, help="importance samples per sentence (default: each config's eval.samples)")
+    p.add_argument("--precision", default="bf16-mixed", choices=["fp32", "bf16-mixed"], help="evaluation precision")
+    p.add_argument("--gap-sentences", type=int, default=100, help="test sentences for the amortization gap (0: skip)")
+    p.add_argument("--gap-steps", type=int, default=50, help="per-example optimization steps for the gap")
+    p.add_argument("--data-dir")
+    p.add_argument("--report-only", action="store_true", help="rebuild table and plots from finished runs")
+    p.add_argument("--results", help="also write the table into this markdown file between grid markers")
+    p.add_argument("--name", help="marker name in --results (default: the --out folder's name)")
+    p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("bench", help="measurements: `latentlm bench estimators DIR` (gradient estimator study)")
     p.add_argument("what", choices=["estimators"])

@@ -66,6 +66,12 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def head(self, n: int) -> "TextDataset":
+        """The first ``n`` examples as a dataset (encoded examples shared, not copied)."""
+        out = TextDataset.__new__(TextDataset)
+        out.vocab, out.examples, out.lengths = self.vocab, self.examples[:n], self.lengths[:n]
+        return out
+
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)

@@ -28,6 +28,7 @@ from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
 from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
 from latentlm.inference.kl import free_bits
+from latentlm.nn.decoders import twice_differentiable
 from latentlm.inference.posteriors import diagonal_gaussian
 from latentlm.inference.schedules import make_schedule
 from latentlm.models.base import LatentVariableModel
@@ -61,11 +62,15 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
 def _double_backward_ok(tensor: torch.Tensor):
-    """cuDNN RNNs do not support double backward; the native kernels do."""
-    if tensor.is_cuda:
-        return torch.backends.cudnn.flags(enabled=False)
-    return contextlib.nullcontext()
+    """cuDNN RNNs do not support double backward (the native kernels do), nor does the fused
+    output layer's hand-written backward."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(twice_differentiable())
+        if tensor.is_cuda:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        yield
 
 
 def refine_gaussian(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +14,20 @@ from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_nor
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
+_twice = threading.local()
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Inside, training uses the plain output layer, whose backward is itself differentiable:
+    for objectives that differentiate through gradient steps (SA-VAE's refinement). The fused
+    layer's hand-written backward is not."""
+    depth = getattr(_twice, "depth", 0)
+    _twice.depth = depth + 1
+    try:
+        yield
+    finally:
+        _twice.depth = depth
 
 
 def word_dropout(inputs: torch.Tensor, rate: float, unk_id: int = Vocab.unk_id) -> torch.Tensor:
@@ -89,6 +106,8 @@ class LSTMDecoder(nn.Module):
     def fused_output(flat: torch.Tensor) -> bool:
         """Training uses the fused blocked output layer under bf16 autocast, where memory
         traffic dominates; in fp32 the extra product of its backward costs more than it saves."""
+        if getattr(_twice, "depth", 0):
+            return False
         return FUSED_OUTPUT_MODE == "always" or (FUSED_OUTPUT_MODE == "bf16" and torch.is_autocast_enabled("cpu"))
 
     def _inference_log_probs(self, flat: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:

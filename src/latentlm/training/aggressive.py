@@ -45,7 +45,7 @@ class AggressiveEncoderTraining:
 
     def __init__(self, system, lr: float = 1e-3, max_inner_steps: int = 100, check_every: int = 15,
                  max_epochs: int | None = None, stop_on_mi: bool = True, clip: float | None = 5.0,
-                 optimizer: str = "adam"):
+                 optimizer: str = "adam", max_steps: int | None = None):
         if system.posterior is None:
             raise ConfigError("aggressive encoder training needs a model with a posterior q(z | x)")
         if max_inner_steps < 1 or check_every < 1:
@@ -59,6 +59,7 @@ class AggressiveEncoderTraining:
         self.encoder_optimizer = optimizers[optimizer](self.encoder_params, lr=lr)
         self.max_inner_steps, self.check_every = max_inner_steps, check_every
         self.max_epochs, self.stop_on_mi, self.clip = max_epochs, stop_on_mi, clip
+        self.max_steps = max_steps
         self.active = True
         self.epochs_done = 0
         self.best_mi = -math.inf
@@ -114,6 +115,13 @@ class AggressiveEncoderTraining:
                 p.grad = None
 
     # -- the phase ------------------------------------------------------------------------
+    def continue_at(self, step: int) -> bool:
+        """Call after each decoder step: ends the phase once ``max_steps`` decoder steps are done
+        (a budget for short runs whose epochs are too long a unit); returns ``active``."""
+        if self.active and self.max_steps is not None and step >= self.max_steps:
+            self.active = False
+        return self.active
+
     def end_epoch(self, valid_set: TextDataset | None = None, batch_size: int = 50) -> bool:
         """Call after each epoch; returns whether the aggressive phase continues.
 

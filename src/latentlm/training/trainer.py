@@ -29,6 +29,7 @@ from latentlm.config import Config
 from latentlm.data.batching import TextDataset
 from latentlm.data.corpus import find_corpus, read_lines, split_path
 from latentlm.data.vocab import Vocab
+from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
 from latentlm.system import System, build_system
@@ -36,7 +37,7 @@ from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
                                           save_checkpoint, save_weights)
 
-METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "lr",
+METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s"]
 
 
@@ -75,14 +76,22 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def validate(system: System, dataset: TextDataset, batch_size: int, precision: str = "fp32") -> dict[str, float]:
-    """Mean per-example bound (ELBO, or exact log-likelihood) and KL over a split."""
+    """Mean per-example bound (ELBO, or exact log-likelihood) and KL over a split; with a
+    Gaussian posterior also the mutual information I_q(x; z) and the active units over the
+    split (so KL and MI can be plotted over training)."""
     was_training = system.training
     system.eval()
     total = {"nll": 0.0, "kl": 0.0, "reconstruction": 0.0}
     n = tokens = 0
+    gaussian = hasattr(system.posterior, "params")
+    means, logvars = [], []
     for batch in dataset.batches(batch_size):
         with autocast(precision):
             out = system(batch)
+            if gaussian:
+                m, lv = system.posterior.params(batch)
+                means.append(m.float())
+                logvars.append(lv.float())
         total["nll"] -= float(out.bound.sum())
         if out.kl is not None:
             total["kl"] += float(out.kl.sum())
@@ -92,6 +101,10 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     system.train(was_training)
     out = {k: v / max(1, n) for k, v in total.items()}
     out["ppl_bound"] = perplexity(total["nll"], tokens)
+    if means:
+        means_t, logvars_t = torch.cat(means), torch.cat(logvars)
+        out["mi"] = mutual_information(means_t, logvars_t, generator=torch.Generator().manual_seed(0))
+        out["au"] = active_units(means_t)
     return out
 
 
@@ -264,6 +277,9 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if t.eval_every and st.step % t.eval_every == 0:
                     self._validate_and_schedule(per_epoch=False)
+                if self.aggressive is not None and self.aggressive.active and not self.aggressive.continue_at(st.step):
+                    if self.is_main:
+                        tqdm.write(f"step {st.step}: aggressive encoder phase over (step limit); normal training")
                 if (t.max_steps and st.step >= t.max_steps) or time.monotonic() > deadline:
                     st.stopped = "budget"
                     break

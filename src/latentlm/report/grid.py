@@ -1,0 +1,349 @@
+"""One table, one command: train every config of a grid under the same budget, evaluate each
+on the test split, and write the comparison table and plots.
+
+    latentlm grid configs/ptb/collapse/*.yaml --seeds 3 --out runs/collapse --jobs 2
+
+Each (config, seed) is a run directory ``OUT/<config stem>/seed<s>`` trained by the one
+trainer (so a killed grid resumes: finished rows are skipped, unfinished ones continue from
+their last checkpoint) and summarized in ``result.json`` there. The report — ``grid.md``
+(mean ± std over seeds), ``grid.json``, ``kl_mi.png`` (KL and MI on the validation split over
+training, one line per row) and ``posterior_means.png`` (the posterior means of the test
+sentences projected to 2-D by PCA, one panel per row) — is rebuilt from the ``result.json``
+files, so ``--report-only`` redraws it without training anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from latentlm.errors import ConfigError, LatentLMError
+
+MEANS_SENTENCES = 1000
+GRID_START, GRID_END = "<!-- grid:{name}:start -->", "<!-- grid:{name}:end -->"
+
+
+@dataclass(frozen=True)
+class GridJob:
+    config: str
+    seed: int
+    out: str
+    overrides: tuple[str, ...]
+    test_limit: int | None
+    samples: int | None
+    precision: str
+    gap_sentences: int
+    gap_steps: int
+    threads: int
+    data_dir: str | None = None
+
+
+def run_label(config_path: str | Path) -> str:
+    """``configs/ptb/collapse/04_free_bits.yaml`` -> ``free bits`` (the row's name in the table)."""
+    stem = Path(config_path).stem
+    return re.sub(r"^\d+_", "", stem).replace("_", " ")
+
+
+def run_directory(out: str | Path, config_path: str | Path, seed: int) -> Path:
+    return Path(out) / Path(config_path).stem / f"seed{seed}"
+
+
+def run_job(job: GridJob) -> dict[str, Any]:
+    """Train (or resume, or skip) one row and evaluate it; returns and writes ``result.json``."""
+    import torch
+
+    from latentlm.config import load_config
+    from latentlm.training import train
+    from latentlm.training.checkpoint import atomic_write_text
+
+    torch.set_num_threads(job.threads)
+    directory = run_directory(job.out, job.config, job.seed)
+    result_path = directory / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    config = load_config(job.config, [*job.overrides, f"seed={job.seed}"])
+    if job.data_dir:
+        config.data.data_dir = job.data_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    resume = (directory / "checkpoints").is_dir() or (directory / "pretrain").is_dir()
+    started = time.monotonic()
+    summary = train(config, directory, resume=resume, progress=False)
+    train_seconds = _training_seconds(directory) or (time.monotonic() - started)
+    result = {"config": str(job.config), "label": run_label(job.config), "seed": job.seed,
+              "steps": summary["step"], "train_minutes": train_seconds / 60,
+              **evaluate_run(directory, job)}
+    atomic_write_text(result_path, json.dumps(result, indent=1))
+    return result
+
+
+def _training_seconds(directory: Path) -> float | None:
+    """Wall-clock seconds of training from metrics.csv (sums the pretraining stage's too)."""
+    total = 0.0
+    for path in (directory / "pretrain" / "metrics.csv", directory / "metrics.csv"):
+        if path.is_file():
+            rows = [r for r in csv.DictReader(path.open(encoding="utf-8")) if r.get("elapsed_s")]
+            if rows:
+                total += max(float(r["elapsed_s"]) for r in rows)
+    return total or None
+
+
+def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
+    """Test metrics (IS NLL, PPL, ELBO, KL, MI, AU), the amortization gap on the first
+    ``gap_sentences`` test sentences, and the posterior means saved for the 2-D plot."""
+    import torch
+    from safetensors.torch import save_file
+
+    from latentlm.evaluation import evaluate
+    from latentlm.inference.svi import amortization_gap
+    from latentlm.system import load_pretrained
+    from latentlm.training import load_corpus
+
+    system, config, vocab = load_pretrained(directory)
+    if job.data_dir:
+        config.data.data_dir = job.data_dir
+    config.data.test_limit = None if job.test_limit is None else max(job.test_limit, MEANS_SENTENCES)
+    _, data = load_corpus(config, vocab, splits=("test",))
+    plotted = data["test"]  # the 2-D plot's sentences: at least MEANS_SENTENCES (the encoder alone is cheap)
+    test = plotted if job.test_limit is None else plotted.head(job.test_limit)
+    samples = job.samples if job.samples is not None else config.eval.samples
+    started = time.monotonic()
+    metrics = evaluate(system, test, samples=samples, batch_size=config.eval.batch_size, seed=config.eval.seed,
+                       precision=job.precision)
+    metrics["eval_minutes"] = (time.monotonic() - started) / 60
+    metrics["gap"] = None
+    posterior = system.posterior
+    if posterior is not None and hasattr(posterior, "params"):
+        with torch.no_grad():
+            means = torch.cat([posterior.params(b)[0].float() for b in plotted.batches(config.eval.batch_size)])
+        save_file({"means": means.contiguous()}, str(directory / "test_means.safetensors"))
+        if job.gap_sentences and _plain_gaussian(system):
+            n = min(job.gap_sentences, len(test))
+            batches = [test.make_batch(list(range(s, min(s + config.eval.batch_size, n))))
+                       for s in range(0, n, config.eval.batch_size)]
+            gap = amortization_gap(system.model, posterior, batches, steps=job.gap_steps, seed=config.eval.seed)
+            metrics["gap"] = gap["gap"]
+    return metrics
+
+
+def _plain_gaussian(system) -> bool:
+    """The amortization gap refines a diagonal Gaussian; a flow's q is not one."""
+    return "flow" not in type(system.posterior).__name__.lower()
+
+
+def run_grid(configs: list[str], out: str | Path, seeds: int = 1, jobs: int = 1, threads: int = 1,
+             overrides: list[str] | None = None, test_limit: int | None = None, samples: int | None = None,
+             precision: str = "bf16-mixed", gap_sentences: int = 100, gap_steps: int = 50,
+             data_dir: str | None = None, log=print) -> list[dict[str, Any]]:
+    """Run every (config, seed) — ``jobs`` at a time, each in its own process on ``threads``
+    threads — then write the report into ``out``; returns the per-run results."""
+    if not configs:
+        raise ConfigError("grid: no config files given")
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise ConfigError(f"grid: config file(s) not found: {', '.join(missing)}")
+    todo = [GridJob(str(c), s, str(out), tuple(overrides or ()), test_limit, samples, precision, gap_sentences,
+                    gap_steps, threads, data_dir) for s in range(seeds) for c in configs]  # in the given order: list slow rows first
+    results, failed = [], []
+
+    def finish(job: GridJob, call) -> None:
+        try:
+            results.append(_announce(call(), log))
+        except Exception as err:  # one broken row must not lose the others
+            failed.append(f"{job.config} seed {job.seed}: {type(err).__name__}: {err}")
+            log(f"[grid] FAILED {failed[-1]}")
+
+    if jobs <= 1:
+        for job in todo:
+            finish(job, lambda job=job: run_job(job))
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job): job for job in todo}
+            for future in as_completed(futures):
+                finish(futures[future], future.result)
+    write_report(out, configs)
+    if failed:
+        raise GridError(f"{len(failed)} of {len(todo)} grid runs failed (the others are reported; rerun to "
+                        f"resume the failed ones):\n  " + "\n  ".join(failed))
+    return results
+
+
+class GridError(LatentLMError):
+    """Some rows of a grid failed."""
+
+
+def _announce(result: dict[str, Any], log) -> dict[str, Any]:
+    log(f"[grid] {result['label']} seed {result['seed']}: NLL {result['nll']:.2f} PPL {result['ppl']:.1f} "
+        f"KL {result['kl']:.2f} MI {result['mi']:.2f} AU {result['au']} ({result['train_minutes']:.1f} train-min)")
+    return result
+
+
+# -- the report ---------------------------------------------------------------------------------
+COLUMNS = [("nll", "NLL", 2), ("ppl", "PPL", 1), ("neg_elbo", "−ELBO", 2), ("kl", "KL", 2), ("mi", "MI", 2),
+           ("au", "AU", 0), ("gap", "amort. gap", 2), ("train_minutes", "train min", 1)]
+
+
+def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
+    """Per config (in sorted order): its label, its runs' results and their mean/std per column."""
+    rows = []
+    for config in sorted(configs):
+        runs = [json.loads(p.read_text(encoding="utf-8"))
+                for p in sorted((Path(out) / Path(config).stem).glob("seed*/result.json"))]
+        if not runs:
+            continue
+        stats = {}
+        for run in runs:
+            run["neg_elbo"] = -run["elbo"]
+        for key, _, _ in COLUMNS:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+                stats[key] = (mean, std)
+        rows.append({"config": config, "label": run_label(config), "runs": runs, "stats": stats,
+                     "dir": str(Path(out) / Path(config).stem)})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per config, mean ± std over its seeds."""
+    head = "| row | seeds | steps | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+    for row in rows:
+        cells = []
+        for key, _, digits in COLUMNS:
+            if key not in row["stats"]:
+                cells.append("–")
+                continue
+            mean, std = row["stats"][key]
+            cells.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else ""))
+        steps = "/".join(sorted({str(r["steps"]) for r in row["runs"]}))
+        lines.append(f"| {row['label']} | {len(row['runs'])} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, configs: list[str]) -> str:
+    """``grid.md``, ``grid.json`` and the two plots into ``out``; returns the table."""
+    from latentlm.training.checkpoint import atomic_write_text
+
+    out = Path(out)
+    rows = collect(out, configs)
+    table = format_table(rows)
+    if not rows:
+        return table
+    first = rows[0]["runs"][0]
+    note = (f"Test split: {first['examples']} sentences, NLL by importance sampling with {first['samples']} "
+            f"samples (exact for models without a latent); nats per sentence; PPL per token incl. </s>; "
+            f"MI, AU over those sentences; amortization gap = ELBO after per-example optimization of q "
+            f"minus the encoder's ELBO.")
+    atomic_write_text(out / "grid.md", table + "\n\n" + note + "\n")
+    atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
+    plot_training_curves(rows, out / "kl_mi.png")
+    plot_posterior_means(rows, out / "posterior_means.png")
+    return table
+
+
+def update_results_file(path: str | Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- grid:NAME:start -->`` and ``<!-- grid:NAME:end -->``
+    in ``path`` (appending the marked block if absent)."""
+    from latentlm.training.checkpoint import atomic_write_text
+
+    path = Path(path)
+    start, end = GRID_START.format(name=name), GRID_END.format(name=name)
+    body = path.read_text(encoding="utf-8") if path.is_file() else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        body = before + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + ("\n\n" if body else "") + block + "\n"
+    atomic_write_text(path, body)
+
+
+def _validation_curves(directory: Path) -> tuple[list[int], list[float], list[float]]:
+    steps, kls, mis = [], [], []
+    path = directory / "metrics.csv"
+    if path.is_file():
+        for r in csv.DictReader(path.open(encoding="utf-8")):
+            if r["split"] == "valid" and r.get("kl") and r.get("mi"):
+                steps.append(int(r["step"]))
+                kls.append(float(r["kl"]))
+                mis.append(float(r["mi"]))
+    return steps, kls, mis
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """KL(q(z|x) || p(z)) and I_q(x; z) on the validation split over training, one line per row
+    (its first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_kl, ax_mi) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("tab20")
+    drawn = 0
+    for i, row in enumerate(rows):
+        seed_dir = sorted(Path(row["dir"]).glob("seed*"))
+        if not seed_dir:
+            continue
+        steps, kls, mis = _validation_curves(seed_dir[0])
+        if not steps:
+            continue
+        style = dict(color=cmap(i % 20), marker=".", label=row["label"])
+        ax_kl.plot(steps, kls, **style)
+        ax_mi.plot(steps, mis, **style)
+        drawn += 1
+    ax_kl.set(xlabel="training step", ylabel="KL (nats / sentence)", title="KL on validation")
+    ax_mi.set(xlabel="training step", ylabel="I_q(x; z) (nats)", title="mutual information on validation")
+    ax_kl.set_yscale("symlog", linthresh=0.1)
+    if drawn:
+        ax_mi.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_posterior_means(rows: list[dict[str, Any]], path: Path, limit: int = 1000) -> None:
+    """The posterior means of (up to) ``limit`` test sentences projected on their two principal
+    components, one panel per row; a collapsed posterior is a single dot at the origin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from safetensors.torch import load_file
+
+    panels = []
+    for row in rows:
+        files = sorted(Path(row["dir"]).glob("seed*/test_means.safetensors"))
+        if files:
+            panels.append((row["label"], load_file(str(files[0]))["means"][:limit].float()))
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, means) in zip(axes.flat, panels):
+        centered = means - means.mean(0)
+        _, s, v = torch.linalg.svd(centered, full_matrices=False)
+        xy = centered @ v[:2].T
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.5)
+        spread = float(s[0] ** 2 / max(1, len(means) - 1))
+        ax.set_title(f"{label}\nvar(PC1) = {spread:.3g}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"posterior means of {len(panels[0][1])} test sentences, first two principal components")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
