@@ -8,6 +8,7 @@ sentences. Results for each seed go to a JSON lines file; the summary prints mea
 
     python scripts/pos_induction.py --model hmm --seeds 0 1 2 --iterations 500
     python scripts/pos_induction.py --model neural --char-cnn --seeds 0 1 2 --epochs 30
+    python scripts/pos_induction.py --model neural --char-cnn --gem --iterations 200 --m-steps 10
 """
 
 from __future__ import annotations
@@ -24,18 +25,24 @@ import torch
 
 from latentlm.data.batching import TextDataset
 from latentlm.data.conll import read_conllu, read_tagged_tsv
+from latentlm.data.corpus import read_lines
 from latentlm.data.vocab import Vocab
 from latentlm.evaluation.tagging import tagging_scores
 from latentlm.models.hmm import HMM, BaumWelchConfig, HMMBase, fit_baum_welch
-from latentlm.models.neural_hmm import NeuralHMM
+from latentlm.models.neural_hmm import NeuralHMM, fit_generalized_em
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pos" / "treebank_wsj_sample.tsv"
 
 
 def load(path: Path, tagset: str, lowercase: bool):
-    corpus = read_conllu(path, tagset) if path.suffix == ".conllu" else read_tagged_tsv(path)
-    words = [[w.lower() for w in s] for s in corpus.words] if lowercase else corpus.words
-    return words, corpus.tags
+    """(sentences, gold tags or None): .conllu, token<TAB>tag .tsv, or plain text (no tags)."""
+    if path.suffix in (".conllu", ".tsv"):
+        corpus = read_conllu(path, tagset) if path.suffix == ".conllu" else read_tagged_tsv(path)
+        words, tags = corpus.words, corpus.tags
+    else:
+        words, tags = read_lines(path).lines, None
+    words = [[w.lower() for w in s] for s in words] if lowercase else words
+    return words, tags
 
 
 @torch.no_grad()
@@ -46,15 +53,21 @@ def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]], batch_siz
     for batch in data.batches(batch_size):
         total += float(model.log_marginal(batch).sum(dtype=torch.float64))
         tokens += batch.num_tokens
+        if gold is None:
+            continue
         tags = model.tag(batch)
         n = (batch.lengths - 1).tolist()
         for row, i in enumerate(batch.index.tolist()):
             predicted[i] = tags[row, : n[row]].tolist()
-    scores = tagging_scores(predicted, gold).as_dict()
+    scores = tagging_scores(predicted, gold).as_dict() if gold is not None else {}
     scores["nll_per_token"] = -total / tokens
     scores["perplexity"] = math.exp(-total / tokens)
-    scores["states_used"] = len({t for s in predicted for t in s})
+    if gold is not None:
+        scores["states_used"] = len({t for s in predicted for t in s})
     return scores
+
+
+last_model: list[HMMBase | None] = [None]  # the model of the latest run, for --heldout
 
 
 def run_hmm(args, data: TextDataset, gold, seed: int) -> dict:
@@ -64,6 +77,7 @@ def run_hmm(args, data: TextDataset, gold, seed: int) -> dict:
     config = BaumWelchConfig(iterations=args.iterations, smoothing=args.smoothing, emit_smoothing=args.emit_smoothing,
                              log_every=args.log_every)
     result = fit_baum_welch(model, batches, config)
+    last_model[0] = model
     out = evaluate(model, data, gold)
     out.update(iterations=result.iterations, seconds_per_iteration=result.seconds_per_iteration,
                final_train_log_likelihood=result.log_likelihoods[-1])
@@ -72,8 +86,25 @@ def run_hmm(args, data: TextDataset, gold, seed: int) -> dict:
 
 def run_neural(args, data: TextDataset, gold, seed: int) -> dict:
     torch.manual_seed(seed)
-    model = NeuralHMM(len(data.vocab), args.states, dim=args.dim, char_cnn=args.char_cnn, words=data.vocab.itos,
-                      word_embeddings=not args.no_word_emb, dropout=args.dropout)
+    model = last_model[0] = NeuralHMM(len(data.vocab), args.states, dim=args.dim, char_cnn=args.char_cnn, words=data.vocab.itos,
+                      word_embeddings=not args.no_word_emb, dropout=args.dropout,
+                      char_options={"filters": args.char_filters, "widths": tuple(args.char_widths),
+                                    "char_dim": args.char_dim})
+    if args.gem:
+        batches = list(data.batches(args.batch_size))
+
+        def report(it: int, total: float) -> None:
+            if args.log_every and (it + 1) % args.log_every == 0 and args.eval_every_log:
+                s = evaluate(model, data, gold)
+                print(f"iter {it + 1}: m-1 {s['many_to_one']:.4f} 1-1 {s['one_to_one']:.4f} "
+                      f"vm {s['v_measure']:.4f}", flush=True)
+
+        result = fit_generalized_em(model, batches, args.iterations, args.m_steps, args.lr, args.log_every, report)
+        out = evaluate(model, data, gold)
+        out.update(iterations=result.iterations, seconds_per_iteration=result.seconds_per_iteration,
+                   final_train_log_likelihood=result.log_likelihoods[-1], m_steps=args.m_steps, dim=args.dim,
+                   char_cnn=args.char_cnn)
+        return out
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start = time.perf_counter()
     step = 0
@@ -102,7 +133,8 @@ def run_neural(args, data: TextDataset, gold, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="token<TAB>tag .tsv or UD .conllu")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="token<TAB>tag .tsv, UD .conllu, or plain text (then NLL / perplexity only)")
     p.add_argument("--tagset", default="xpos", choices=["upos", "xpos"], help="for .conllu files")
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--model", choices=["hmm", "neural"], default="hmm")
@@ -112,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--out", type=Path, help="append one JSON line per seed")
+    p.add_argument("--heldout", type=Path, help="text (or tagged) file for held-out NLL / perplexity "
+                                                "(words unseen in --data map to <unk>)")
     g = p.add_argument_group("hmm (Baum-Welch)")
     g.add_argument("--iterations", type=int, default=200)
     g.add_argument("--smoothing", type=float, default=0.0)
@@ -125,19 +159,31 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--char-cnn", action="store_true")
     g.add_argument("--no-word-emb", action="store_true")
+    g.add_argument("--char-filters", type=int, default=32, help="filters per width of the character CNN")
+    g.add_argument("--char-widths", type=int, nargs="+", default=[1, 2, 3, 4])
+    g.add_argument("--char-dim", type=int, default=16)
     g.add_argument("--eval-every-log", action="store_true")
+    g.add_argument("--gem", action="store_true",
+                   help="generalized EM (exact E-step over the corpus, --m-steps Adam steps on the tables) "
+                        "for --iterations iterations, instead of minibatch gradient for --epochs")
+    g.add_argument("--m-steps", type=int, default=10)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     words, gold = load(args.data, args.tagset, args.lowercase)
     vocab = Vocab.build(words)
     data = TextDataset(words, vocab)
+    heldout = TextDataset(load(args.heldout, args.tagset, args.lowercase)[0], vocab) if args.heldout else None
     print(f"{args.data.name}: {len(words)} sentences, {sum(map(len, words))} tokens, {len(vocab)} types, "
-          f"{len({t for s in gold for t in s})} gold tags", flush=True)
+          f"{len({t for s in gold for t in s}) if gold else 'no'} gold tags", flush=True)
     results = []
     for seed in args.seeds:
         run = run_hmm if args.model == "hmm" else run_neural
         r = run(args, data, gold, seed)
+        if heldout is not None:
+            h = evaluate(last_model[0], heldout, None)
+            r.update(heldout=str(args.heldout.name), heldout_nll_per_token=h["nll_per_token"],
+                     heldout_perplexity=h["perplexity"])
         r.update(seed=seed, model=args.model, data=str(args.data.name), states=args.states,
                  argv=" ".join(sys.argv[1:] if argv is None else argv))
         results.append(r)
@@ -145,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-    for key in ("many_to_one", "one_to_one", "v_measure", "perplexity"):
-        vals = [r[key] for r in results]
+    for key in ("many_to_one", "one_to_one", "v_measure", "perplexity", "heldout_perplexity"):
+        vals = [r[key] for r in results if key in r]
+        if not vals:
+            continue
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         print(f"{key}: {statistics.mean(vals):.4f} ± {sd:.4f}  (n={len(vals)})")
     return 0

@@ -117,3 +117,12 @@ def test_validation_mutual_information_runs_on_a_real_posterior(data):
                     GaussianLSTMPosterior(len(vocab), 2, embed_dim=4, hidden_dim=4), ELBO())
     mi = validation_mutual_information(system, dataset, batch_size=4)
     assert 0 <= mi <= torch.log(torch.tensor(float(len(dataset)))) + 1e-4
+
+
+def test_phase_ends_after_its_decoder_step_budget(data):
+    vocab, _ = data
+    aggressive = AggressiveEncoderTraining(_scripted_system(vocab, []), max_steps=3, stop_on_mi=False)
+    assert aggressive.continue_at(1) and aggressive.continue_at(2)
+    assert not aggressive.continue_at(3) and not aggressive.active
+    unlimited = AggressiveEncoderTraining(_scripted_system(vocab, []))
+    assert unlimited.continue_at(10_000)

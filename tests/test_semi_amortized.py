@@ -155,3 +155,17 @@ def test_sa_elbo_reports_the_refined_bound_in_evaluation_and_trains():
         ev = objective(model, posterior, batch)
     assert float(ev.bound.mean()) > float(ev.extras["elbo_before_refinement"]) - 0.05
     torch.testing.assert_close(ev.bound, ev.reconstruction - ev.kl)
+
+
+def test_sa_elbo_trains_under_bf16_autocast_through_the_refinement():
+    """The fused bf16 output layer's backward is not differentiable; the refinement must switch
+    to the plain layer so the encoder's gradient can go through it (second order)."""
+    model, posterior, batch = _tiny(latent_dim=2)
+    objective = SemiAmortizedELBO(refine_steps=2, refine_lr=0.5)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = objective(model, posterior, batch, step=0)
+    out.loss.backward()
+    grads = [p.grad for p in posterior.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)

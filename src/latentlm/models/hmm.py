@@ -113,6 +113,22 @@ class HMMBase(LatentVariableModel):
         init, trans, unary, n = self.chain_scores(*self.log_probs(), batch)
         return LinearChainCRF(trans, unary, n, init=init)
 
+    def expected_counts(
+        self, batches: Iterable[Batch]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+        """E-step: expected counts of (init, trans, emit) events, total log p(x), sentences seen."""
+        log_init, log_trans, log_emit = (x.detach().requires_grad_(True) for x in self.log_probs())
+        counts = [torch.zeros_like(x) for x in (log_init, log_trans, log_emit)]
+        total, sentences = 0.0, 0
+        for batch in batches:
+            ll = self._log_marginal_from(log_init, log_trans, log_emit, batch)  # (B,)
+            grads = torch.autograd.grad(ll.sum(), (log_init, log_trans, log_emit))
+            for c, g in zip(counts, grads):
+                c += g
+            total += float(ll.detach().sum(dtype=torch.float64))
+            sentences += ll.numel()
+        return counts[0], counts[1], counts[2], total, sentences
+
     @torch.no_grad()
     def tag(self, batch: Batch) -> torch.Tensor:
         """Viterbi state of every word (B, N), -1 after the sentence's end."""
@@ -172,22 +188,6 @@ class HMM(HMMBase):
             p.copy_(v.clamp_min(torch.finfo(p.dtype).min / 4))
 
     # ---- Baum-Welch ------------------------------------------------------------------
-
-    def expected_counts(
-        self, batches: Iterable[Batch]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
-        """E-step: expected counts of (init, trans, emit) events, total log p(x), sentences seen."""
-        log_init, log_trans, log_emit = (x.detach().requires_grad_(True) for x in self.log_probs())
-        counts = [torch.zeros_like(x) for x in (log_init, log_trans, log_emit)]
-        total, sentences = 0.0, 0
-        for batch in batches:
-            ll = self._log_marginal_from(log_init, log_trans, log_emit, batch)  # (B,)
-            grads = torch.autograd.grad(ll.sum(), (log_init, log_trans, log_emit))
-            for c, g in zip(counts, grads):
-                c += g
-            total += float(ll.detach().sum(dtype=torch.float64))
-            sentences += ll.numel()
-        return counts[0], counts[1], counts[2], total, sentences
 
     @torch.no_grad()
     def m_step(

@@ -90,7 +90,8 @@ def _training_seconds(directory: Path) -> float | None:
     total = 0.0
     for path in (directory / "pretrain" / "metrics.csv", directory / "metrics.csv"):
         if path.is_file():
-            rows = [r for r in csv.DictReader(path.open(encoding="utf-8")) if r.get("elapsed_s")]
+            with path.open(encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("elapsed_s")]
             if rows:
                 total += max(float(r["elapsed_s"]) for r in rows)
     return total or None
@@ -273,11 +274,12 @@ def _validation_curves(directory: Path) -> tuple[list[int], list[float], list[fl
     steps, kls, mis = [], [], []
     path = directory / "metrics.csv"
     if path.is_file():
-        for r in csv.DictReader(path.open(encoding="utf-8")):
-            if r["split"] == "valid" and r.get("kl") and r.get("mi"):
-                steps.append(int(r["step"]))
-                kls.append(float(r["kl"]))
-                mis.append(float(r["mi"]))
+        with path.open(encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                if r["split"] == "valid" and r.get("kl") and r.get("mi"):
+                    steps.append(int(r["step"]))
+                    kls.append(float(r["kl"]))
+                    mis.append(float(r["mi"]))
     return steps, kls, mis
 
 
