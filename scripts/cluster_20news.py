@@ -41,7 +41,9 @@ def mean_std(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="labelled documents whose clusters are scored")
+    p.add_argument("--fit-data", help="fit on these documents instead (e.g. the train split; labels unused) "
+                                      "and score the MAP clusters of --data")
     p.add_argument("--clusters", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--restarts", type=int, default=4)
@@ -66,16 +68,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     bow = load_documents(args.data, max_size=args.vocab_size, min_df=args.min_df)
-    if bow.labels is None:
+    scored = bow  # the documents whose MAP clusters are scored against their labels
+    if args.fit_data:
+        # Fit on another split (e.g. train), vocabulary from it; score --data's documents.
+        bow = load_documents(args.fit_data, max_size=args.vocab_size, min_df=args.min_df)
+        scored = load_documents(args.data, vocab=bow.vocab)
+    if scored.labels is None:
         raise SystemExit(f"{args.data}: documents have no labels; NMI and purity need them")
     datasets = {"em": bow, "annealed": bow, "rescaled": rescale_lengths(bow, power=args.rescale_power)}
     em_data = {"em": EMData(bow)}
     em_data["annealed"] = em_data["em"]
     if "rescaled" in args.methods:
         em_data["rescaled"] = EMData(datasets["rescaled"])
-    print(f"{Path(args.data).name}: {len(bow)} docs, {bow.vocab_size - 4} words, {bow.num_tokens} tokens, "
+    print(f"fit on {Path(args.fit_data or args.data).name}: {len(bow)} docs, {bow.vocab_size - 4} words, {bow.num_tokens} tokens, "
           f"{int((bow.lengths == 0).sum())} empty after preprocessing; K={args.clusters}; "
-          f"load {time.perf_counter() - start:.1f}s", flush=True)
+          f"load {time.perf_counter() - start:.1f}s" + (f"; scored: {Path(args.data).name}, {len(scored)} docs"
+                                                         if args.fit_data else ""), flush=True)
 
     base = dict(smoothing=args.smoothing, restarts=args.restarts)
     anneal = dict(anneal=True, beta_growth=args.beta_growth, iters_per_beta=args.iters_per_beta,
@@ -91,18 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             record: dict = {"seed": seed}
             if method == "kmeans":
-                assign = kmeans_tfidf(bow.counts, args.clusters, seed=seed, n_init=args.kmeans_n_init)
+                assign = kmeans_tfidf(bow.counts, args.clusters, seed=seed, n_init=args.kmeans_n_init,
+                                      predict=scored.counts if args.fit_data else None)
             else:
                 config = configs[method]
                 config.seed = seed
                 model = NaiveBayesMixture(bow.vocab_size, args.clusters)
                 result = fit_em(model, em_data[method], config)
-                report = cluster_documents(model, datasets[method], top_n=args.top_words)
+                target = datasets[method] if not args.fit_data else (
+                    scored if method != "rescaled" else rescale_lengths(scored, power=args.rescale_power))
+                report = cluster_documents(model, target, top_n=args.top_words)
                 assign = np.asarray(report["assignments"])
                 record.update(log_likelihood=result.log_likelihood, objective=result.objective,
                               restart_objectives=result.restart_objectives, best_restart=result.best_restart,
                               iterations=result.iterations, top_words=report["top_words"])
-            record.update(score_assignments(bow.labels, assign, args.clusters))
+            record.update(score_assignments(scored.labels, assign, args.clusters))
             record["seconds"] = time.perf_counter() - t0
             runs[method].append(record)
             print(f"seed {seed} {method:9s} NMI {record['nmi']:.3f} purity {record['purity']:.3f} "

@@ -166,3 +166,25 @@ def test_empty_sentence_is_stop_at_once():
     li = model.log_probs()[0]
     assert float(lp[0].detach()) == pytest.approx(float(li[-1].detach()))
     assert math.isfinite(float(lp[1].detach()))
+
+
+def test_neural_hmm_generalized_em_m_step_gradient_is_the_marginal_gradient_and_em_climbs():
+    """Fisher's identity: at the parameters the expected counts came from, the gradient of the
+    expected complete log-likelihood equals the gradient of log p(x); so small M-steps climb."""
+    from latentlm.models.neural_hmm import expected_complete_log_likelihood, fit_generalized_em
+
+    data, vocab = dataset()
+    torch.manual_seed(0)
+    model = NeuralHMM(len(vocab), 3, dim=8, char_cnn=True, words=vocab.itos,
+                      char_options={"filters": 4, "widths": (1, 2), "char_dim": 4}).double()
+    batches = list(data.batches(3))
+    counts = model.expected_counts(batches)[:3]
+    q_grads = torch.autograd.grad(expected_complete_log_likelihood(model, counts), list(model.parameters()))
+    log_px = sum(model.log_marginal(b).sum() for b in batches)
+    p_grads = torch.autograd.grad(log_px, list(model.parameters()))
+    for a, b in zip(q_grads, p_grads):
+        torch.testing.assert_close(a, b)
+    result = fit_generalized_em(model, batches, iterations=15, m_steps=3, lr=0.01)
+    ll = result.log_likelihoods
+    assert all(b >= a - 1e-6 for a, b in zip(ll, ll[1:])), ll
+    assert ll[-1] > ll[0] + 1.0

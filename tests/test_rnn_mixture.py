@@ -196,3 +196,30 @@ def test_learned_baseline_trains_through_the_elbo_and_reads_any_batch(toy):
 
     bow = BowBatch(counts=torch.ones(2, 8), lengths=torch.tensor([8, 8]), index=torch.arange(2))
     assert baseline(bow).shape == (2,)
+
+
+def test_evaluation_of_a_mixture_with_q_reports_exact_nll_enumerated_elbo_kl_and_usage():
+    """ELBO <= log p(x) with equality when q is the exact posterior; KL(q || p) >= 0."""
+    from torch import nn
+
+    from latentlm.evaluation import evaluate
+    from latentlm.inference.posteriors import CategoricalLSTMPosterior
+    from latentlm.system import System
+
+    model, _, vocab = _setup("shared")
+    data = TextDataset(SENTS, vocab)
+    posterior = CategoricalLSTMPosterior(len(vocab), model.num_components, embed_dim=4, hidden_dim=4)
+    result = evaluate(System(model, posterior, ELBO(estimator="enumerate")), data, batch_size=2)
+    with torch.no_grad():
+        exact_nll = -float(model.log_marginal(data.make_batch(range(len(SENTS)))).sum()) / len(SENTS)
+    assert result["nll"] == pytest.approx(exact_nll, rel=1e-5)
+    assert result["kl"] >= 0 and result["elbo"] <= -result["nll"] + 1e-5
+    assert 1 <= result["q_components_used"] <= 3 and 1 <= result["components_used"] <= 3
+
+    class ExactPosterior(nn.Module):  # q = p(z | x): the bound is tight
+        def forward(self, batch):
+            return torch.distributions.Categorical(probs=model.posterior_probs(batch))
+
+    tight = evaluate(System(model, ExactPosterior(), ELBO(estimator="enumerate")), data, batch_size=2)
+    assert tight["elbo"] == pytest.approx(-tight["nll"], abs=1e-4)
+    assert tight["q_components_used"] == tight["components_used"]

@@ -90,18 +90,24 @@ def top_words(
     return [[vocab.itos[i] for i in row.tolist()] for row in top]
 
 
-def kmeans_tfidf(counts: sp.spmatrix, num_clusters: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
+def kmeans_tfidf(counts: sp.spmatrix, num_clusters: int, seed: int = 0, n_init: int = 10,
+                 predict: sp.spmatrix | None = None) -> np.ndarray:
     """Baseline: k-means (scikit-learn) on L2-normalized tf-idf of the same count matrix.
 
     Uses the same vocabulary as the mixture so the comparison is about the model, not the
-    features. Returns cluster ids (N,).
+    features. Returns cluster ids (N,) of ``counts``' rows, or, given ``predict`` (other
+    documents over the same vocabulary), the nearest fitted centroid of each of those.
     """
     from sklearn.cluster import KMeans
     from sklearn.feature_extraction.text import TfidfTransformer
 
-    tfidf = TfidfTransformer().fit_transform(sp.csr_matrix(counts))  # (N, V), rows L2-normalized
+    transformer = TfidfTransformer()
+    tfidf = transformer.fit_transform(sp.csr_matrix(counts))  # (N, V), rows L2-normalized
     km = KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
-    return km.fit_predict(tfidf).astype(np.int64)
+    fitted = km.fit_predict(tfidf).astype(np.int64)
+    if predict is None:
+        return fitted
+    return km.predict(transformer.transform(sp.csr_matrix(predict))).astype(np.int64)
 
 
 def _perplexity(log_likelihood: float, num_tokens: int) -> float:

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import torch
-from torch.distributions import Normal
+from torch.distributions import Categorical, Normal, kl_divergence
 
 from latentlm.data.batching import TextDataset
 from latentlm.evaluation.latent import active_units, mutual_information
@@ -14,8 +14,12 @@ from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perp
 from latentlm.inference.kl import kl_divergence_mc
 
 
-def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, logvars) -> None:
-    """Add one batch's NLL, ELBO and KL sums to ``totals``; collect its Gaussian q's parameters."""
+def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, logvars, usage) -> None:
+    """Add one batch's NLL, ELBO and KL sums to ``totals``; collect its Gaussian q's parameters
+    (or, for a mixture with an amortized q, which component each example uses)."""
+    if model.has_exact_marginal and posterior is not None and hasattr(model, "log_likelihood_all"):
+        _evaluate_mixture_batch(model, posterior, batch, totals, usage)
+        return
     if model.has_exact_marginal:
         log_px = float(model.log_marginal(batch).float().sum())
         totals["nll"] -= log_px
@@ -32,6 +36,22 @@ def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, log
     totals["nll"] -= float(log_px.sum())
     totals["elbo"] += float((model.log_likelihood(batch, z)[0] - kl).sum())
     totals["kl"] += float(kl.sum())
+
+
+def _evaluate_mixture_batch(model, posterior, batch, totals, usage) -> None:
+    """A finite mixture with q(z | x): exact log p(x) by enumeration, and the ELBO of q with the
+    expectation over z also enumerated (no sampling noise); KL(q || p) in closed form."""
+    prior = model.prior()
+    ll_all = model.log_likelihood_all(batch).float()  # (K, B)
+    joint = prior.logits.float()[:, None] + ll_all
+    q = posterior(batch)
+    probs = q.probs.float()  # (B, K)
+    kl = kl_divergence(Categorical(logits=q.logits.float()), Categorical(logits=prior.logits.float()))  # (B,)
+    totals["nll"] -= float(torch.logsumexp(joint, 0).sum())
+    totals["elbo"] += float(((probs.T * ll_all).sum(0) - kl).sum())
+    totals["kl"] += float(kl.sum())
+    usage["exact"].append(joint.argmax(0))
+    usage["q"].append(probs.argmax(-1))
 
 
 def gaussian_parameters(q) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -54,6 +74,9 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     split. Objectives that evaluate with another q than the encoder's (SA-VAE's refined q,
     SVI's per-example q) say so through ``evaluation_posterior``, and that q is used.
     For flows, MI and AU are computed from the flow's Gaussian base (an approximation).
+    For a finite mixture with an amortized categorical q (M2), ``nll`` is exact, ``elbo`` and
+    ``kl`` enumerate q exactly, and ``components_used`` / ``q_components_used`` count the
+    components that are some example's MAP under p(z | x) / under q.
     ``precision="bf16-mixed"`` runs the networks under bf16 autocast (fp32 normalizers);
     BENCHMARKS.md records how far its NLL moves from fp32.
     """
@@ -67,12 +90,14 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     gen = torch.Generator().manual_seed(seed)
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
     means, logvars = [], []
+    usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
     if precision not in ("fp32", "bf16-mixed"):
         raise ValueError(f"precision must be 'fp32' or 'bf16-mixed', got {precision!r}")
     cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
         with cast():
-            _evaluate_batch(model, posterior, refine, dataset.make_batch(idx), samples, totals, means, logvars)
+            _evaluate_batch(model, posterior, refine, dataset.make_batch(idx), samples, totals, means, logvars,
+                            usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]
     result = {"examples": n, "tokens": tokens, "nll": nll / n, "ppl": perplexity(nll, tokens),
               "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": 0.0, "au": 0, "samples": samples}
@@ -80,6 +105,10 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
         means_t, logvars_t = torch.cat(means).float(), torch.cat(logvars).float()
         result["mi"] = mutual_information(means_t, logvars_t, generator=gen)
         result["au"] = active_units(means_t)
+    if usage["exact"]:
+        # components that are the MAP of some example, under the exact posterior and under q
+        result["components_used"] = int(torch.cat(usage["exact"]).unique().numel())
+        result["q_components_used"] = int(torch.cat(usage["q"]).unique().numel())
     if model.has_exact_marginal:
         result["samples"] = 0
     result["nll_per_token"] = nll / tokens

@@ -122,6 +122,8 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     metrics["eval_minutes"] = (time.monotonic() - started) / 60
     metrics["gap"] = None
     posterior = system.posterior
+    if posterior is None or not hasattr(posterior, "params"):  # MI and AU describe a Gaussian code
+        metrics["mi"] = metrics["au"] = None
     if posterior is not None and hasattr(posterior, "params"):
         with torch.no_grad():
             means = torch.cat([posterior.params(b)[0].float() for b in plotted.batches(config.eval.batch_size)])
@@ -183,14 +185,16 @@ class GridError(LatentLMError):
 
 
 def _announce(result: dict[str, Any], log) -> dict[str, Any]:
+    latent = (f"MI {result['mi']:.2f} AU {result['au']} " if result.get("mi") is not None else "")
     log(f"[grid] {result['label']} seed {result['seed']}: NLL {result['nll']:.2f} PPL {result['ppl']:.1f} "
-        f"KL {result['kl']:.2f} MI {result['mi']:.2f} AU {result['au']} ({result['train_minutes']:.1f} train-min)")
+        f"KL {result['kl']:.2f} {latent}({result['train_minutes']:.1f} train-min)")
     return result
 
 
 # -- the report ---------------------------------------------------------------------------------
 COLUMNS = [("nll", "NLL", 2), ("ppl", "PPL", 1), ("neg_elbo", "−ELBO", 2), ("kl", "KL", 2), ("mi", "MI", 2),
-           ("au", "AU", 0), ("gap", "amort. gap", 2), ("train_minutes", "train min", 1)]
+           ("au", "AU", 0), ("q_components_used", "K used by q", 0), ("gap", "amort. gap", 2),
+           ("train_minutes", "train min", 1)]
 
 
 def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
@@ -216,12 +220,14 @@ def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per config, mean ± std over its seeds."""
-    head = "| row | seeds | steps | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+    """Markdown table: one line per config, mean ± std over its seeds; a column no row has
+    (MI for discrete latents, components for continuous ones) is left out."""
+    columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
+    head = "| row | seeds | steps | " + " | ".join(title for _, title, _ in columns) + " |"
+    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     for row in rows:
         cells = []
-        for key, _, digits in COLUMNS:
+        for key, _, digits in columns:
             if key not in row["stats"]:
                 cells.append("–")
                 continue
