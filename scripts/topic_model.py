@@ -46,8 +46,10 @@ from tqdm import tqdm
 
 from latentlm.data.documents import BagOfWords, load_documents
 from latentlm.inference import ELBO, POSTERIORS, kl_per_dimension
+from latentlm.inference.bow_posterior import GaussianBOWPosterior
 from latentlm.models import BagOfWordsVAE, NeuralTopicModel
 from latentlm.models.topic_model import npmi_coherence
+from latentlm.nn.bow import bag_of_words
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "docs"
 MODEL_NAMES = {"m10": "M10 neural topic model (GSM)", "m3": "M3 bag-of-words VAE (NVDM-style)"}
@@ -101,6 +103,21 @@ class SparseNeuralTopicModel(NeuralTopicModel):
             out.append(torch.zeros(log_p.size(0), B, dtype=log_p.dtype, device=log_p.device)
                        .index_add_(1, rows, log_p * vals.to(log_p.dtype)))
         return torch.cat(out)  # (S, B)
+
+
+class DropoutGaussianBOWPosterior(GaussianBOWPosterior):
+    """``gaussian_bow`` with dropout on its hidden features while training; at evaluation it *is*
+    ``gaussian_bow`` (same parameters, same outputs). Curbs the encoder's memorizing of training
+    documents (informative codes for them, uninformative ones for unseen documents)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, hidden_dim: int = 256, dropout: float = 0.0):
+        super().__init__(vocab_size, latent_dim, hidden_dim)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def params(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = bag_of_words(batch, self.vocab_size, self.to_params.weight.dtype)
+        mean, logvar = self.to_params(self.dropout(self.encoder(counts))).chunk(2, dim=-1)
+        return mean, logvar
 
 
 # --------------------------------------------------------------------------------------
@@ -196,20 +213,24 @@ def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.M
         model = SparseNeuralTopicModel(vocab_size, num_topics=args.topics, latent_dim=args.latent_dim)
     else:
         model = BagOfWordsVAE(vocab_size, latent_dim=args.latent_dim)
-    posterior = POSTERIORS["gaussian_bow"](vocab_size, args.latent_dim, hidden_dim=args.hidden_dim)
+    if args.encoder_dropout > 0:
+        posterior = DropoutGaussianBOWPosterior(vocab_size, args.latent_dim, args.hidden_dim, args.encoder_dropout)
+    else:
+        posterior = POSTERIORS["gaussian_bow"](vocab_size, args.latent_dim, hidden_dim=args.hidden_dim)
     return model, posterior
 
 
 def train(name: str, model, posterior, train_bow: BagOfWords, val_bow: BagOfWords, args) -> dict:
     """Amortized VI; keeps the parameters of the epoch with the best validation bound perplexity."""
     objective = ELBO(samples=1, estimator="reparam")
-    opt = torch.optim.Adam([*model.parameters(), *posterior.parameters()], lr=args.lr)
+    opt = torch.optim.AdamW([{"params": model.parameters(), "weight_decay": 0.0},
+                             {"params": posterior.parameters(), "weight_decay": args.encoder_weight_decay}], lr=args.lr)
     history, best, step = [], None, 0
     for epoch in range(1, args.epochs + 1):
         model.train()
         posterior.train()
         t0 = time.perf_counter()
-        bound_sum, tokens = 0.0, 0
+        bound_sum, kl_sum, tokens = 0.0, 0.0, 0
         batches = train_bow.batches(args.batch_size, shuffle=True, seed=args.seed, epoch=epoch)
         for batch in tqdm(batches, total=train_bow.num_batches(args.batch_size), desc=f"{name} epoch {epoch}",
                           leave=False, disable=not args.progress):
@@ -219,16 +240,19 @@ def train(name: str, model, posterior, train_bow: BagOfWords, val_bow: BagOfWord
             opt.step()
             step += 1
             bound_sum += float(out.bound.detach().sum())
+            kl_sum += float(out.kl.detach().sum())
             tokens += batch.num_tokens
         val = evaluate(model, posterior, val_bow, args.val_samples, args.eval_batch_size, seed=args.seed + 1)
-        record = {"epoch": epoch, "train_ppl_bound": perplexity(bound_sum, tokens), "val_ppl_bound": val["ppl_bound"],
+        record = {"epoch": epoch, "train_ppl_bound": perplexity(bound_sum, tokens), "train_kl": kl_sum / len(train_bow),
+                  "val_ppl_bound": val["ppl_bound"],
                   "val_kl": val["kl_per_doc"], "seconds": time.perf_counter() - t0}
         history.append(record)
         improved = best is None or val["ppl_bound"] < best["val_ppl_bound"]
         if improved:
             best = {"epoch": epoch, "val_ppl_bound": val["ppl_bound"],
                     "model": copy.deepcopy(model.state_dict()), "posterior": copy.deepcopy(posterior.state_dict())}
-        print(f"{name} epoch {epoch:3d}: train bound PPL {record['train_ppl_bound']:8.1f}  val bound PPL "
+        print(f"{name} epoch {epoch:3d}: train bound PPL {record['train_ppl_bound']:8.1f} KL {record['train_kl']:6.2f}  "
+              f"val bound PPL "
               f"{val['ppl_bound']:8.1f}  val KL {val['kl_per_doc']:6.2f}  {record['seconds']:.1f}s"
               f"{'  *' if improved else ''}", flush=True)
     model.load_state_dict(best["model"])
@@ -254,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--eval-batch-size", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--encoder-dropout", type=float, default=0.0,
+                   help="dropout on the gaussian_bow encoder's hidden features while training (0: the plain posterior)")
+    p.add_argument("--encoder-weight-decay", type=float, default=0.0, help="decoupled weight decay on the encoder")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--val-samples", type=int, default=4, help="posterior samples of the per-epoch validation ELBO")
     p.add_argument("--samples", type=int, default=50, help="importance samples per test document")

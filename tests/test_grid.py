@@ -65,3 +65,11 @@ def test_results_file_block_is_replaced_in_place(tmp_path):
     assert text.startswith("# Results\n\nintro\n") and "| b |" in text and "| a |" not in text
     assert text.count("grid:collapse:start") == 1
     assert run_label("configs/ptb/collapse/04_free_bits.yaml") == "free bits"
+
+
+def test_training_time_adds_up_the_segments_of_a_resumed_run(tmp_path):
+    from latentlm.report.grid import _training_seconds
+
+    rows = ["split,step,elapsed_s", "train,50,10.0", "train,100,20.0", "valid,100,", "train,150,4.0", "train,200,9.0"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert _training_seconds(tmp_path) == pytest.approx(29.0)

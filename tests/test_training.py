@@ -73,6 +73,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     with open(tmp_path / "killed" / "metrics.csv") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh) if r["split"] == "train"]
     assert steps == sorted(set(steps)), "rows past the checkpoint must be dropped on resume"
+    assert steps[:4] == [5, 10, 15, 19] and steps[-1] == 38, "the history up to the checkpoint is kept"
 
 
 def test_resume_without_checkpoint_and_overwrite_are_refused(tmp_path):

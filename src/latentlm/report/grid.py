@@ -86,14 +86,19 @@ def run_job(job: GridJob) -> dict[str, Any]:
 
 
 def _training_seconds(directory: Path) -> float | None:
-    """Wall-clock seconds of training from metrics.csv (sums the pretraining stage's too)."""
+    """Wall-clock seconds of training from metrics.csv (sums the pretraining stage's too).
+
+    A resumed run restarts its clock, so the elapsed times of each segment (they fall back
+    at a resume) are added up.
+    """
     total = 0.0
     for path in (directory / "pretrain" / "metrics.csv", directory / "metrics.csv"):
         if path.is_file():
             with path.open(encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("elapsed_s")]
-            if rows:
-                total += max(float(r["elapsed_s"]) for r in rows)
+                elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(fh) if r.get("elapsed_s")]
+            for before, now in zip(elapsed, elapsed[1:] + [-1.0]):
+                if now < before:  # the end of a segment
+                    total += before
     return total or None
 
 

@@ -174,10 +174,18 @@ class Trainer:
         if self.resume and path.is_file():  # drop rows past the checkpoint we resume from
             with path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.state.step]
-        self._metrics_fh = path.open("w", newline="")
-        self._metrics = csv.DictWriter(self._metrics_fh, METRIC_FIELDS)
-        self._metrics.writeheader()
-        self._metrics.writerows(rows)
+        # Rewrite the kept history atomically (a kill right after a resume must not lose it),
+        # then append.
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, METRIC_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self._metrics_fh = path.open("a", newline="")
+        self._metrics = csv.DictWriter(self._metrics_fh, METRIC_FIELDS, extrasaction="ignore")
         self._tb = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter  # only if tensorboard is installed
