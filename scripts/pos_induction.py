@@ -45,8 +45,11 @@ def load(path: Path, tagset: str, lowercase: bool):
     return words, tags
 
 
+EXTRA_GOLD: dict[str, list[list[str]]] = {}  # other tag sets of the same words, scored too (e.g. UPOS)
+
+
 @torch.no_grad()
-def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]], batch_size: int = 512) -> dict:
+def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]] | None, batch_size: int = 512) -> dict:
     model.eval()
     predicted: list[list[int]] = [[] for _ in range(len(data))]
     total, tokens = 0.0, 0
@@ -60,6 +63,9 @@ def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]], batch_siz
         for row, i in enumerate(batch.index.tolist()):
             predicted[i] = tags[row, : n[row]].tolist()
     scores = tagging_scores(predicted, gold).as_dict() if gold is not None else {}
+    if gold is not None:
+        for name, other in EXTRA_GOLD.items():
+            scores.update({f"{name}_{k}": v for k, v in tagging_scores(predicted, other).as_dict().items()})
     scores["nll_per_token"] = -total / tokens
     scores["perplexity"] = math.exp(-total / tokens)
     if gold is not None:
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     words, gold = load(args.data, args.tagset, args.lowercase)
+    if args.data.suffix == ".conllu":  # score the other UD tag set of the same words as well
+        other = "upos" if args.tagset == "xpos" else "xpos"
+        EXTRA_GOLD[other] = load(args.data, other, args.lowercase)[1]
     vocab = Vocab.build(words)
     data = TextDataset(words, vocab)
     heldout = TextDataset(load(args.heldout, args.tagset, args.lowercase)[0], vocab) if args.heldout else None
@@ -191,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-    for key in ("many_to_one", "one_to_one", "v_measure", "perplexity", "heldout_perplexity"):
+    keys = ["many_to_one", "one_to_one", "v_measure"]
+    for name in EXTRA_GOLD:
+        keys += [f"{name}_{k}" for k in ("many_to_one", "one_to_one", "v_measure")]
+    for key in (*keys, "perplexity", "heldout_perplexity"):
         vals = [r[key] for r in results if key in r]
         if not vals:
             continue

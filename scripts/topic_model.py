@@ -105,18 +105,29 @@ class SparseNeuralTopicModel(NeuralTopicModel):
         return torch.cat(out)  # (S, B)
 
 
-class DropoutGaussianBOWPosterior(GaussianBOWPosterior):
-    """``gaussian_bow`` with dropout on its hidden features while training; at evaluation it *is*
-    ``gaussian_bow`` (same parameters, same outputs). Curbs the encoder's memorizing of training
-    documents (informative codes for them, uninformative ones for unseen documents)."""
+class BoundedGaussianBOWPosterior(GaussianBOWPosterior):
+    """``gaussian_bow`` (same encoder and parameters) with bounded outputs and optional dropout.
 
-    def __init__(self, vocab_size: int, latent_dim: int, hidden_dim: int = 256, dropout: float = 0.0):
+    The encoder is an unbounded softplus MLP of log(1 + counts); on a document with far more
+    distinct words than those it was trained on (20NG has posts of 13k tokens, 1.5k distinct
+    words, against a median of 35) it extrapolates linearly and can return log-variances of
+    ~20 (KL ~1e8 nats, std overflow, NaN). Here mean = m tanh(mean / m) and logvar = l tanh(logvar / l)
+    (``bound`` = (m, l); None: unbounded, the library's posterior). ``dropout`` acts on the hidden
+    features while training only.
+    """
+
+    def __init__(self, vocab_size: int, latent_dim: int, hidden_dim: int = 256, dropout: float = 0.0,
+                 bound: tuple[float, float] | None = (10.0, 5.0)):
         super().__init__(vocab_size, latent_dim, hidden_dim)
         self.dropout = torch.nn.Dropout(dropout)
+        self.bound = bound
 
     def params(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         counts = bag_of_words(batch, self.vocab_size, self.to_params.weight.dtype)
         mean, logvar = self.to_params(self.dropout(self.encoder(counts))).chunk(2, dim=-1)
+        if self.bound is not None:
+            m, v = self.bound
+            mean, logvar = m * torch.tanh(mean / m), v * torch.tanh(logvar / v)
         return mean, logvar
 
 
@@ -213,9 +224,10 @@ def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.M
         model = SparseNeuralTopicModel(vocab_size, num_topics=args.topics, latent_dim=args.latent_dim)
     else:
         model = BagOfWordsVAE(vocab_size, latent_dim=args.latent_dim)
-    if args.encoder_dropout > 0:
-        posterior = DropoutGaussianBOWPosterior(vocab_size, args.latent_dim, args.hidden_dim, args.encoder_dropout)
-    else:
+    bound = tuple(args.posterior_bound) if all(b > 0 for b in args.posterior_bound) else None
+    if args.encoder_dropout > 0 or bound is not None:
+        posterior = BoundedGaussianBOWPosterior(vocab_size, args.latent_dim, args.hidden_dim, args.encoder_dropout, bound)
+    else:  # the library's posterior as is
         posterior = POSTERIORS["gaussian_bow"](vocab_size, args.latent_dim, hidden_dim=args.hidden_dim)
     return model, posterior
 
@@ -223,6 +235,7 @@ def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.M
 def train(name: str, model, posterior, train_bow: BagOfWords, val_bow: BagOfWords, args) -> dict:
     """Amortized VI; keeps the parameters of the epoch with the best validation bound perplexity."""
     objective = ELBO(samples=1, estimator="reparam")
+    params = [*model.parameters(), *posterior.parameters()]
     opt = torch.optim.AdamW([{"params": model.parameters(), "weight_decay": 0.0},
                              {"params": posterior.parameters(), "weight_decay": args.encoder_weight_decay}], lr=args.lr)
     history, best, step = [], None, 0
@@ -237,6 +250,8 @@ def train(name: str, model, posterior, train_bow: BagOfWords, val_bow: BagOfWord
             out = objective(model, posterior, batch, step)
             opt.zero_grad()
             out.loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
             step += 1
             bound_sum += float(out.bound.detach().sum())
@@ -280,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--encoder-dropout", type=float, default=0.0,
                    help="dropout on the gaussian_bow encoder's hidden features while training (0: the plain posterior)")
+    p.add_argument("--posterior-bound", type=float, nargs=2, default=[10.0, 5.0], metavar=("MEAN", "LOGVAR"),
+                   help="soft bounds m tanh(./m) on the posterior mean and log-variance; 0 0: none")
+    p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping (0: none)")
     p.add_argument("--encoder-weight-decay", type=float, default=0.0, help="decoupled weight decay on the encoder")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--val-samples", type=int, default=4, help="posterior samples of the per-epoch validation ELBO")
