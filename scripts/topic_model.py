@@ -219,6 +219,21 @@ def topic_npmi(top_words: torch.Tensor, counts) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def init_topics_from_documents(model: NeuralTopicModel, counts, docs_per_topic: int, seed: int) -> None:
+    """Topic k's word distribution := 1/2 (the words of ``docs_per_topic`` random training documents)
+    + 1/2 (the training unigram): distinct, data-like topics, so that z matters from the first step
+    (with the library's near-identical initial topics, log p(x | z) barely depends on z and the
+    posterior collapses to the prior before the topics can separate)."""
+    rng = np.random.default_rng(seed)
+    unigram = np.asarray(counts.sum(0), dtype=np.float64).ravel()
+    unigram = (unigram + 1e-3) / (unigram + 1e-3).sum()
+    picks = rng.choice(counts.shape[0], size=(model.num_topics, docs_per_topic), replace=True)
+    topic_counts = np.stack([np.asarray(counts[row].sum(0), dtype=np.float64).ravel() for row in picks])  # (K, V)
+    probs = 0.5 * topic_counts / topic_counts.sum(1, keepdims=True) + 0.5 * unigram
+    with torch.no_grad():
+        model.topic_logits.copy_(torch.from_numpy(np.log(probs)))
+
+
 def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name == "m10":
         model = SparseNeuralTopicModel(vocab_size, num_topics=args.topics, latent_dim=args.latent_dim)
@@ -234,7 +249,9 @@ def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.M
 
 def train(name: str, model, posterior, train_bow: BagOfWords, val_bow: BagOfWords, args) -> dict:
     """Amortized VI; keeps the parameters of the epoch with the best validation bound perplexity."""
-    objective = ELBO(samples=1, estimator="reparam")
+    warmup_steps = round(args.kl_warmup * train_bow.num_batches(args.batch_size))
+    schedule = {"type": "linear", "start": 0.0, "end": 1.0, "steps": warmup_steps} if warmup_steps > 0 else None
+    objective = ELBO(samples=1, estimator="reparam", kl_schedule=schedule)  # .bound is always the true ELBO
     params = [*model.parameters(), *posterior.parameters()]
     opt = torch.optim.AdamW([{"params": model.parameters(), "weight_decay": 0.0},
                              {"params": posterior.parameters(), "weight_decay": args.encoder_weight_decay}], lr=args.lr)
@@ -297,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="dropout on the gaussian_bow encoder's hidden features while training (0: the plain posterior)")
     p.add_argument("--posterior-bound", type=float, nargs=2, default=[10.0, 5.0], metavar=("MEAN", "LOGVAR"),
                    help="soft bounds m tanh(./m) on the posterior mean and log-variance; 0 0: none")
+    p.add_argument("--kl-warmup", type=float, default=0.0,
+                   help="epochs over which the KL weight of the training loss rises linearly from 0 to 1")
+    p.add_argument("--topic-init-docs", type=int, default=20,
+                   help="M10: start each topic from this many random training documents (half) and the unigram "
+                        "(half); 0: the library's random init")
     p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping (0: none)")
     p.add_argument("--encoder-weight-decay", type=float, default=0.0, help="decoupled weight decay on the encoder")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -336,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         model, posterior = build(name, len(vocab), args)
+        if name == "m10" and args.topic_init_docs > 0:
+            init_topics_from_documents(model, train_bow.counts, args.topic_init_docs, args.seed)
         record = train(name, model, posterior, train_bow, val, args)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()

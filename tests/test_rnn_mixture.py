@@ -223,3 +223,18 @@ def test_evaluation_of_a_mixture_with_q_reports_exact_nll_enumerated_elbo_kl_and
     tight = evaluate(System(model, ExactPosterior(), ELBO(estimator="enumerate")), data, batch_size=2)
     assert tight["elbo"] == pytest.approx(-tight["nll"], abs=1e-4)
     assert tight["q_components_used"] == tight["components_used"]
+
+
+@pytest.mark.parametrize("estimator", ["enumerate", {"type": "gumbel", "temperature": 0.5},
+                                       {"type": "straight_through"}, {"type": "score_function", "baseline": "leave_one_out"}])
+def test_discrete_estimators_train_under_bf16_autocast(estimator):
+    from latentlm.inference.posteriors import CategoricalLSTMPosterior
+
+    model, batch, vocab = _setup("shared")
+    model.train()
+    posterior = CategoricalLSTMPosterior(len(vocab), model.num_components, embed_dim=4, hidden_dim=4)
+    samples = 4 if isinstance(estimator, dict) and estimator["type"] == "score_function" else 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ELBO(estimator=estimator, samples=samples)(model, posterior, batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in posterior.parameters())

@@ -42,7 +42,9 @@ class CategoricalLSTMPosterior(Posterior):
         self.to_logits = nn.Linear(hidden_dim, latent_dim)
 
     def forward(self, batch: Batch) -> Categorical:
-        return Categorical(logits=self.to_logits(self.encoder(batch.tokens, batch.lengths)))  # (B, K)
+        # fp32 logits even under bf16 autocast: the relaxed and enumerated estimators need a
+        # simplex that sums to 1 within fp32 tolerance
+        return Categorical(logits=self.to_logits(self.encoder(batch.tokens, batch.lengths)).float())  # (B, K)
 
 
 class CategoricalBowPosterior(Posterior):
@@ -56,7 +58,7 @@ class CategoricalBowPosterior(Posterior):
 
     def forward(self, batch) -> Categorical:
         counts = bag_of_words(batch, self.vocab_size, self.to_logits.weight.dtype)
-        return Categorical(logits=self.to_logits(self.mlp(torch.log1p(counts))))
+        return Categorical(logits=self.to_logits(self.mlp(torch.log1p(counts))).float())
 
 
 POSTERIORS: dict[str, type[Posterior]] = {
