@@ -17,7 +17,7 @@ from latentlm.inference.kl import kl_divergence_mc
 def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, logvars, usage) -> None:
     """Add one batch's NLL, ELBO and KL sums to ``totals``; collect its Gaussian q's parameters
     (or, for a mixture with an amortized q, which component each example uses)."""
-    if model.has_exact_marginal and posterior is not None and hasattr(model, "log_likelihood_all"):
+    if model.has_exact_marginal and hasattr(model, "log_likelihood_all"):
         _evaluate_mixture_batch(model, posterior, batch, totals, usage)
         return
     if model.has_exact_marginal:
@@ -44,13 +44,17 @@ def _evaluate_mixture_batch(model, posterior, batch, totals, usage) -> None:
     prior = model.prior()
     ll_all = model.log_likelihood_all(batch).float()  # (K, B)
     joint = prior.logits.float()[:, None] + ll_all
+    log_px = torch.logsumexp(joint, 0)
+    totals["nll"] -= float(log_px.sum())
+    usage["exact"].append(joint.argmax(0))
+    if posterior is None:  # trained on the exact marginal: the bound is log p(x) itself
+        totals["elbo"] += float(log_px.sum())
+        return
     q = posterior(batch)
     probs = q.probs.float()  # (B, K)
     kl = kl_divergence(Categorical(logits=q.logits.float()), Categorical(logits=prior.logits.float()))  # (B,)
-    totals["nll"] -= float(torch.logsumexp(joint, 0).sum())
     totals["elbo"] += float(((probs.T * ll_all).sum(0) - kl).sum())
     totals["kl"] += float(kl.sum())
-    usage["exact"].append(joint.argmax(0))
     usage["q"].append(probs.argmax(-1))
 
 
@@ -108,7 +112,8 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     if usage["exact"]:
         # components that are the MAP of some example, under the exact posterior and under q
         result["components_used"] = int(torch.cat(usage["exact"]).unique().numel())
-        result["q_components_used"] = int(torch.cat(usage["q"]).unique().numel())
+        if usage["q"]:
+            result["q_components_used"] = int(torch.cat(usage["q"]).unique().numel())
     if model.has_exact_marginal:
         result["samples"] = 0
     result["nll_per_token"] = nll / tokens

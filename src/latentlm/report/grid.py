@@ -198,7 +198,8 @@ def _announce(result: dict[str, Any], log) -> dict[str, Any]:
 
 # -- the report ---------------------------------------------------------------------------------
 COLUMNS = [("nll", "NLL", 2), ("ppl", "PPL", 1), ("neg_elbo", "−ELBO", 2), ("kl", "KL", 2), ("mi", "MI", 2),
-           ("au", "AU", 0), ("q_components_used", "K used by q", 0), ("gap", "amort. gap", 2),
+           ("au", "AU", 0), ("components_used", "K used by p(z|x)", 0),
+           ("q_components_used", "K used by q", 0), ("gap", "amort. gap", 2),
            ("train_minutes", "train min", 1)]
 
 
