@@ -109,6 +109,7 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from latentlm.evaluation import evaluate
+    from latentlm.evaluation.latent import active_units, mutual_information
     from latentlm.inference.svi import amortization_gap
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus
@@ -116,10 +117,11 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     system, config, vocab = load_pretrained(directory)
     if job.data_dir:
         config.data.data_dir = job.data_dir
-    config.data.test_limit = None if job.test_limit is None else max(job.test_limit, MEANS_SENTENCES)
+    limit = job.test_limit if job.test_limit is not None else config.data.test_limit
+    config.data.test_limit = None if limit is None else max(limit, MEANS_SENTENCES)
     _, data = load_corpus(config, vocab, splits=("test",))
     plotted = data["test"]  # the 2-D plot's sentences: at least MEANS_SENTENCES (the encoder alone is cheap)
-    test = plotted if job.test_limit is None else plotted.head(job.test_limit)
+    test = plotted if limit is None else plotted.head(limit)
     samples = job.samples if job.samples is not None else config.eval.samples
     started = time.monotonic()
     metrics = evaluate(system, test, samples=samples, batch_size=config.eval.batch_size, seed=config.eval.seed,
@@ -130,8 +132,16 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     if posterior is None or not hasattr(posterior, "params"):  # MI and AU describe a Gaussian code
         metrics["mi"] = metrics["au"] = None
     if posterior is not None and hasattr(posterior, "params"):
+        # MI and AU from the encoder alone over all plotted sentences (cheap, and a larger set
+        # than the importance-sampled one: MI can be no larger than log N)
         with torch.no_grad():
-            means = torch.cat([posterior.params(b)[0].float() for b in plotted.batches(config.eval.batch_size)])
+            params = [posterior.params(b) for b in plotted.batches(config.eval.batch_size)]
+        means = torch.cat([m.float() for m, _ in params])
+        logvars = torch.cat([lv.float() for _, lv in params])
+        metrics["mi"] = mutual_information(means, logvars, generator=torch.Generator().manual_seed(config.eval.seed),
+                                           samples=4)
+        metrics["au"] = active_units(means)
+        metrics["latent_examples"] = len(means)
         save_file({"means": means.contiguous()}, str(directory / "test_means.safetensors"))
         if job.gap_sentences and _plain_gaussian(system):
             n = min(job.gap_sentences, len(test))
@@ -254,10 +264,12 @@ def write_report(out: str | Path, configs: list[str]) -> str:
     if not rows:
         return table
     first = rows[0]["runs"][0]
-    note = (f"Test split: {first['examples']} sentences, NLL by importance sampling with {first['samples']} "
-            f"samples (exact for models without a latent); nats per sentence; PPL per token incl. </s>; "
-            f"MI, AU over those sentences; amortization gap = ELBO after per-example optimization of q "
-            f"minus the encoder's ELBO.")
+    latent_n = next((r.get("latent_examples") for row in rows for r in row["runs"] if r.get("latent_examples")), None)
+    note = (f"Test split: first {first['examples']} sentences, NLL by importance sampling with {first['samples']} "
+            f"samples (exact for models without a continuous latent); NLL, −ELBO and KL in nats per sentence; "
+            f"PPL per token incl. </s>; "
+            + (f"MI and AU from the encoder over the first {latent_n} test sentences; " if latent_n else "")
+            + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO.")
     atomic_write_text(out / "grid.md", table + "\n\n" + note + "\n")
     atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
     plot_training_curves(rows, out / "kl_mi.png")
