@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
@@ -226,16 +227,22 @@ def topic_npmi(top_words: torch.Tensor, counts) -> torch.Tensor:
 
 
 def init_topics_from_documents(model: NeuralTopicModel, counts, docs_per_topic: int, seed: int) -> None:
-    """Topic k's word distribution := 1/2 (the words of ``docs_per_topic`` random training documents)
-    + 1/2 (the training unigram): distinct, data-like topics, so that z matters from the first step
-    (with the library's near-identical initial topics, log p(x | z) barely depends on z and the
-    posterior collapses to the prior before the topics can separate)."""
+    """Topic k's word distribution := 1/2 (the mean word distribution of ``docs_per_topic`` random
+    training documents) + 1/2 (the mean word distribution of all training documents).
+
+    Distinct, data-like topics, so that z matters from the first step: with the library's
+    near-identical initial topics log p(x | z) barely depends on z, and the posterior collapses
+    to the prior before the topics separate. Averaging *per-document* distributions (not pooled
+    counts) keeps one huge post (20NG's 13k-token "ax ax ax ..." post) from topping every topic.
+    """
     rng = np.random.default_rng(seed)
-    unigram = np.asarray(counts.sum(0), dtype=np.float64).ravel()
-    unigram = (unigram + 1e-3) / (unigram + 1e-3).sum()
+    lengths = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+    dists = sp.csr_matrix(sp.diags(1.0 / np.maximum(lengths, 1.0)) @ counts)  # rows sum to 1
+    background = np.asarray(dists.mean(0), dtype=np.float64).ravel() + 1e-6
+    background /= background.sum()
     picks = rng.choice(counts.shape[0], size=(model.num_topics, docs_per_topic), replace=True)
-    topic_counts = np.stack([np.asarray(counts[row].sum(0), dtype=np.float64).ravel() for row in picks])  # (K, V)
-    probs = 0.5 * topic_counts / topic_counts.sum(1, keepdims=True) + 0.5 * unigram
+    topic_part = np.stack([np.asarray(dists[row].mean(0), dtype=np.float64).ravel() for row in picks])  # (K, V)
+    probs = 0.5 * topic_part / topic_part.sum(1, keepdims=True) + 0.5 * background
     with torch.no_grad():
         model.topic_logits.copy_(torch.from_numpy(np.log(probs)))
 
