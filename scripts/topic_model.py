@@ -8,13 +8,14 @@ For each model, in one run:
 2. the model is trained by amortized VI — the repo's ``ELBO`` (reparameterization, one
    sample), the ``gaussian_bow`` posterior, Adam — for ``--epochs`` epochs of minibatches
    on the train split less a ``--val-fraction`` held out; the epoch with the best
-   validation bound perplexity is kept. Three defaults depart from the bare library
-   pieces, each with a flag to turn it off (see ``BoundedGaussianBOWPosterior`` and
-   ``init_topics_from_documents`` for why): the encoder's mean and log-variance are
-   soft-bounded and its hidden features see dropout 0.3 while training
-   (``--posterior-bound 0 0 --encoder-dropout 0`` gives the plain ``gaussian_bow``);
-   M10's topics start from random training documents (``--topic-init-docs 0``: the
-   library's near-uniform init); gradients are clipped (``--clip 0``: off);
+   validation bound perplexity is kept. Three defaults of this script depart from the
+   library's defaults, each with a flag to turn it off (see ``GaussianBOWPosterior`` and
+   ``NeuralTopicModel.init_topics_from_documents`` for why): the encoder's mean and
+   log-variance are soft-bounded and its hidden features see dropout 0.3 while training
+   (``gaussian_bow``'s ``bound`` and ``dropout`` options; ``--posterior-bound 0 0
+   --encoder-dropout 0`` gives the plain encoder); M10's topics start from random training
+   documents (``--topic-init-docs 0``: the default near-uniform init); gradients are
+   clipped (``--clip 0``: off);
 3. on the test split it reports the per-word perplexity exp(-sum_d log p(x_d) / sum_d N_d)
    with log p(x_d) by importance sampling (``--samples`` draws from q(z | x_d)), the
    ELBO-based bound perplexity (what Miao et al. 2016/2017 report), the KL, and for M10
@@ -29,9 +30,8 @@ perplexity anyway, and they carry no training signal besides the KL; their numbe
 reported. The 4 special ids of the vocabulary (<pad> <s> </s> <unk>) are never observed
 in documents; the models keep them in their softmax and learn to give them ~0 mass.
 
-M10's likelihood is evaluated only at each document's observed words (a sparse gather,
-``SparseNeuralTopicModel``), with the same parameters and values as
-``NeuralTopicModel.log_likelihood``, which materializes a (samples, docs, topics, V) tensor.
+M10's likelihood of a document batch is evaluated only at each document's observed words
+(``NeuralTopicModel.observed_log_likelihood``), never as a (samples, docs, topics, V) tensor.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/topic_model.py --epochs 30 --json topic_model.json
 """
@@ -47,95 +47,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
 from latentlm.data.documents import BagOfWords, load_documents
 from latentlm.inference import ELBO, POSTERIORS, kl_per_dimension
-from latentlm.inference.bow_posterior import GaussianBOWPosterior
 from latentlm.models import BagOfWordsVAE, NeuralTopicModel
 from latentlm.models.topic_model import npmi_coherence
-from latentlm.nn.bow import bag_of_words
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "docs"
 MODEL_NAMES = {"m10": "M10 neural topic model (GSM)", "m3": "M3 bag-of-words VAE (NVDM-style)"}
 
-#: (samples x nonzero entries x topics) floats M10's sparse likelihood builds at once.
-M10_CHUNK_ELEMENTS = 20_000_000
 #: (samples x docs x V) floats M3's dense likelihood builds at once while scoring.
 M3_CHUNK_ELEMENTS = 20_000_000
-
-
-# --------------------------------------------------------------------------------------
-# M10 with a likelihood evaluated at the observed words only
-# --------------------------------------------------------------------------------------
-
-
-def nonzero_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, values) of the nonzero entries of a (B, V) sparse-CSR or dense count matrix."""
-    if counts.layout == torch.sparse_csr:
-        crow = counts.crow_indices()
-        rows = torch.repeat_interleave(torch.arange(counts.size(0), device=crow.device), crow.diff())
-        return rows, counts.col_indices(), counts.values()
-    rows, cols = counts.nonzero(as_tuple=True)
-    return rows, cols, counts[rows, cols]
-
-
-class SparseNeuralTopicModel(NeuralTopicModel):
-    """M10 unchanged; ``log_likelihood`` of a ``BowBatch`` touches only the words each document has.
-
-    log p(w | z) = log sum_k theta_k(z) beta_kw is computed as
-    m_theta + m_w + log sum_k exp(log theta_k - m_theta) exp(log beta_kw - m_w), with m_theta
-    = max_k log theta_k and m_w = max_k log beta_kw, so the sum is >= theta_k* beta_k*w / (m's)
-    and does not underflow for any word some topic gives mass to.
-    """
-
-    def log_likelihood(self, batch, z: torch.Tensor) -> torch.Tensor:
-        if not hasattr(batch, "counts"):  # a token batch: the parent's dense path
-            return super().log_likelihood(batch, z)
-        rows, cols, vals = nonzero_counts(batch.counts)
-        log_theta = torch.log_softmax(self.to_theta(z).float(), -1)  # (S, B, K)
-        m_theta = log_theta.max(-1, keepdim=True).values  # (S, B, 1)
-        theta = (log_theta - m_theta).exp()  # (S, B, K), max 1
-        log_beta = self.topics()[:, cols]  # (K, nnz)
-        m_word = log_beta.max(0).values  # (nnz,)
-        beta = (log_beta - m_word).exp()  # (K, nnz), max 1 per column
-        S, B = z.shape[0], z.shape[1]
-        step = max(1, M10_CHUNK_ELEMENTS // max(1, rows.numel() * self.num_topics))
-        out = []
-        for start in range(0, S, step):  # chunks of samples; no loop over tokens or documents
-            mix = (theta[start : start + step, rows, :] * beta.t()).sum(-1)  # (s, nnz)
-            log_p = mix.log() + m_theta[start : start + step, rows, 0] + m_word  # (s, nnz)
-            out.append(torch.zeros(log_p.size(0), B, dtype=log_p.dtype, device=log_p.device)
-                       .index_add_(1, rows, log_p * vals.to(log_p.dtype)))
-        return torch.cat(out)  # (S, B)
-
-
-class BoundedGaussianBOWPosterior(GaussianBOWPosterior):
-    """``gaussian_bow`` (same encoder and parameters) with bounded outputs and optional dropout.
-
-    The encoder is an unbounded softplus MLP of log(1 + counts); on a document with far more
-    distinct words than those it was trained on (20NG has posts of 13k tokens, 1.5k distinct
-    words, against a median of 35) it extrapolates linearly and can return log-variances of
-    ~20 (KL ~1e8 nats, std overflow, NaN). Here mean = m tanh(mean / m) and logvar = l tanh(logvar / l)
-    (``bound`` = (m, l); None: unbounded, the library's posterior). ``dropout`` acts on the hidden
-    features while training only.
-    """
-
-    def __init__(self, vocab_size: int, latent_dim: int, hidden_dim: int = 256, dropout: float = 0.0,
-                 bound: tuple[float, float] | None = (10.0, 5.0)):
-        super().__init__(vocab_size, latent_dim, hidden_dim)
-        self.dropout = torch.nn.Dropout(dropout)
-        self.bound = bound
-
-    def params(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = bag_of_words(batch, self.vocab_size, self.to_params.weight.dtype)
-        mean, logvar = self.to_params(self.dropout(self.encoder(counts))).chunk(2, dim=-1)
-        if self.bound is not None:
-            m, v = self.bound
-            mean, logvar = m * torch.tanh(mean / m), v * torch.tanh(logvar / v)
-        return mean, logvar
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +71,7 @@ def sample_chunk(model, batch) -> int:
     """How many posterior samples to score at once for this batch."""
     if isinstance(model, BagOfWordsVAE):
         return max(1, M3_CHUNK_ELEMENTS // max(1, batch.size * model.vocab_size))
-    return 10**9  # the sparse M10 likelihood chunks itself
+    return 10**9  # M10's observed-words likelihood chunks itself
 
 
 @torch.no_grad()
@@ -214,49 +138,19 @@ def evaluate(model, posterior, bow: BagOfWords, samples: int, batch_size: int, s
     }
 
 
-def topic_npmi(top_words: torch.Tensor, counts) -> torch.Tensor:
-    """``npmi_coherence`` on the (few hundred) columns the top words use, not the dense (N, V) matrix."""
-    cols = np.unique(top_words.numpy())
-    present = torch.from_numpy((counts[:, cols] > 0).toarray().astype(np.float32))  # (N, |cols|)
-    return npmi_coherence(torch.from_numpy(np.searchsorted(cols, top_words.numpy())), present)
-
-
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
 
 
-def init_topics_from_documents(model: NeuralTopicModel, counts, docs_per_topic: int, seed: int) -> None:
-    """Topic k's word distribution := 1/2 (the mean word distribution of ``docs_per_topic`` random
-    training documents) + 1/2 (the mean word distribution of all training documents).
-
-    Distinct, data-like topics, so that z matters from the first step: with the library's
-    near-identical initial topics log p(x | z) barely depends on z, and the posterior collapses
-    to the prior before the topics separate. Averaging *per-document* distributions (not pooled
-    counts) keeps one huge post (20NG's 13k-token "ax ax ax ..." post) from topping every topic.
-    """
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray(counts.sum(1), dtype=np.float64).ravel()
-    dists = sp.csr_matrix(sp.diags(1.0 / np.maximum(lengths, 1.0)) @ counts)  # rows sum to 1
-    background = np.asarray(dists.mean(0), dtype=np.float64).ravel() + 1e-6
-    background /= background.sum()
-    picks = rng.choice(counts.shape[0], size=(model.num_topics, docs_per_topic), replace=True)
-    topic_part = np.stack([np.asarray(dists[row].mean(0), dtype=np.float64).ravel() for row in picks])  # (K, V)
-    probs = 0.5 * topic_part / topic_part.sum(1, keepdims=True) + 0.5 * background
-    with torch.no_grad():
-        model.topic_logits.copy_(torch.from_numpy(np.log(probs)))
-
-
 def build(name: str, vocab_size: int, args) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name == "m10":
-        model = SparseNeuralTopicModel(vocab_size, num_topics=args.topics, latent_dim=args.latent_dim)
+        model = NeuralTopicModel(vocab_size, num_topics=args.topics, latent_dim=args.latent_dim)
     else:
         model = BagOfWordsVAE(vocab_size, latent_dim=args.latent_dim)
     bound = tuple(args.posterior_bound) if all(b > 0 for b in args.posterior_bound) else None
-    if args.encoder_dropout > 0 or bound is not None:
-        posterior = BoundedGaussianBOWPosterior(vocab_size, args.latent_dim, args.hidden_dim, args.encoder_dropout, bound)
-    else:  # the library's posterior as is
-        posterior = POSTERIORS["gaussian_bow"](vocab_size, args.latent_dim, hidden_dim=args.hidden_dim)
+    posterior = POSTERIORS["gaussian_bow"](vocab_size, args.latent_dim, hidden_dim=args.hidden_dim,
+                                           dropout=args.encoder_dropout, bound=bound)
     return model, posterior
 
 
@@ -331,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="epochs over which the KL weight of the training loss rises linearly from 0 to 1")
     p.add_argument("--topic-init-docs", type=int, default=20,
                    help="M10: start each topic from this many random training documents (half) and the unigram "
-                        "(half); 0: the library's random init")
+                        "(half); 0: the model's default random init")
+    p.add_argument("--topic-init-per-document", action="store_true",
+                   help="M10 init from averaged per-document word distributions instead of pooled counts")
     p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping (0: none)")
     p.add_argument("--encoder-weight-decay", type=float, default=0.0, help="decoupled weight decay on the encoder")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -372,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         model, posterior = build(name, len(vocab), args)
         if name == "m10" and args.topic_init_docs > 0:
-            init_topics_from_documents(model, train_bow.counts, args.topic_init_docs, args.seed)
+            model.init_topics_from_documents(train_bow.counts, args.topic_init_docs, args.seed,
+                                             per_document=args.topic_init_per_document)
         record = train(name, model, posterior, train_bow, val, args)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -382,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         record["train_seconds"] = train_seconds
         if name == "m10":
             top = model.top_words(args.top_words)  # (K, n)
-            npmi = topic_npmi(top, train_full.counts)
+            npmi = npmi_coherence(top, train_full.counts)  # scipy counts: only the used columns go dense
             record["topics"] = [{"words": [vocab.itos[i] for i in row.tolist()], "npmi": float(s)}
                                 for row, s in zip(top, npmi)]
             record["npmi_mean"] = float(npmi.mean())

@@ -49,3 +49,26 @@ def test_mutual_information_of_a_near_collapsed_code_is_below_its_kl_even_on_few
     assert -0.01 <= mi <= float(kl) + 0.005  # unbiased but noisy around a small true value
     same = mutual_information(torch.ones(60, 32), torch.zeros(60, 32), generator=g)
     assert same == pytest.approx(0.0, abs=1e-5)
+
+
+def test_importance_sampling_reads_document_batches_without_a_chunk():
+    """Regression: the default chunk read ``batch.inputs``, which a ``BowBatch`` lacks."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from latentlm.data.documents import BagOfWords
+    from latentlm.data.vocab import SPECIALS, Vocab
+    from latentlm.evaluation import importance_sampled_log_marginal
+    from latentlm.inference import POSTERIORS
+    from latentlm.models import BagOfWordsVAE, NeuralTopicModel
+
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(0.7, size=(5, 12)).astype(np.float32))
+    batch = BagOfWords(counts, Vocab(list(SPECIALS) + [f"w{i}" for i in range(8)])).batch()
+    torch.manual_seed(0)
+    for model in (NeuralTopicModel(12, num_topics=3, latent_dim=2), BagOfWordsVAE(12, latent_dim=2)):
+        posterior = POSTERIORS["gaussian_bow"](12, 2, hidden_dim=8)
+        noise = torch.randn(9, 5, 2)
+        log_px = importance_sampled_log_marginal(model, posterior, batch, 9, noise=noise)
+        assert log_px.shape == (5,) and torch.isfinite(log_px).all()
+        chunked = importance_sampled_log_marginal(model, posterior, batch, 9, chunk=2, noise=noise)
+        torch.testing.assert_close(log_px, chunked)

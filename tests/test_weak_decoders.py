@@ -166,3 +166,107 @@ def test_npmi_by_hand():
     # words 0,1 always together: NPMI 1; 0 and 2 never together: -1;
     # 2,3: p(2)=1/2, p(3)=1/4, p(2,3)=1/4 -> log(2) / log(4) = 0.5
     torch.testing.assert_close(scores, torch.tensor([1.0, -1.0, 0.5]))
+
+
+def _random_documents(n_docs: int = 6, vocab_size: int = 14, seed: int = 0):
+    import numpy as np
+
+    from latentlm.data.documents import BagOfWords
+    from latentlm.data.vocab import SPECIALS
+
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(0.8, size=(n_docs, vocab_size)).astype(np.float32)
+    counts[:, : len(SPECIALS)] = 0  # specials never occur in documents
+    counts[1] = 0  # an empty document scores 0
+    counts[2, -1] = 40  # and a long one
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    return sp.csr_matrix(counts), BagOfWords(sp.csr_matrix(counts), Vocab(list(SPECIALS) + words))
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 50])
+def test_topic_model_scores_documents_at_their_observed_words_exactly(data, chunk_elements):
+    """The observed-words likelihood of a BowBatch (sparse or dense counts) is the dense
+    sum_w n_w log p(w | z), value and gradient, whether or not it chunks the samples."""
+    from latentlm.models import NeuralTopicModel
+
+    counts, bow = _random_documents()
+    torch.manual_seed(0)
+    model = NeuralTopicModel(counts.shape[1], num_topics=4, latent_dim=3)
+    if chunk_elements is not None:
+        model.chunk_elements = chunk_elements  # 1 sample per chunk here
+    with torch.no_grad():
+        model.topic_logits.normal_(0, 3.0)  # peaked, distinct topics
+    z = torch.randn(5, counts.shape[0], 3)
+    dense_counts = torch.from_numpy(counts.toarray())
+    expected = (model.word_log_probs(z) * dense_counts).sum(-1)  # (S, B), the dense formula
+    grads = torch.autograd.grad(expected.sum(), [model.topic_logits, model.to_theta.weight])
+    for batch in (bow.batch(), bow.batch(sparse=False)):
+        got = model.log_likelihood(batch, z)
+        torch.testing.assert_close(got, expected)
+        assert (got[:, 1] == 0).all()
+        for g, e in zip(torch.autograd.grad(got.sum(), [model.topic_logits, model.to_theta.weight]), grads):
+            torch.testing.assert_close(g, e)
+    # token batches keep the dense path: their counts (words + </s>) give the same numbers
+    _, _, tokens = data
+    model = NeuralTopicModel(len(data[0]), num_topics=3, latent_dim=2)
+    z = torch.randn(2, tokens.size, 2)
+    token_counts = bag_of_words(tokens, len(data[0]))
+    docs = BowBatch(to_torch_csr(sp.csr_matrix(token_counts.numpy())), tokens.lengths, tokens.index)
+    torch.testing.assert_close(model.log_likelihood(docs, z), model.log_likelihood(tokens, z))
+
+
+@pytest.mark.parametrize("per_document", [False, True])
+def test_topic_init_from_documents_gives_distinct_normalized_data_topics(per_document):
+    from latentlm.models import NeuralTopicModel
+
+    counts, _ = _random_documents(n_docs=30, vocab_size=20)
+    model = NeuralTopicModel(20, num_topics=5, latent_dim=3)
+    model.init_topics_from_documents(counts, docs_per_topic=2, seed=0, per_document=per_document)
+    beta = model.topics().exp()
+    torch.testing.assert_close(beta.sum(-1), torch.ones(5))
+    torch.testing.assert_close(model.topic_logits.exp().sum(-1), torch.ones(5))  # logits are log-probs
+    assert (beta[:, :4] < 1e-3).all()  # never-seen words keep only the smoothing mass
+    distance = (beta[:, None, :] - beta[None, :, :]).abs().sum(-1)  # (K, K) L1
+    assert (distance + torch.eye(5) > 0.05).all()  # pairwise distinct
+    same = NeuralTopicModel(20, num_topics=5, latent_dim=3)
+    same.init_topics_from_documents(counts, docs_per_topic=2, seed=0, per_document=per_document)
+    torch.testing.assert_close(same.topic_logits, model.topic_logits)  # seeded
+
+
+def test_bow_posterior_bound_and_dropout_options():
+    counts, bow = _random_documents()
+    counts = sp.csr_matrix(counts.multiply(500.0))  # far longer documents than it was built for
+    batch = BowBatch(to_torch_csr(counts), bow.batch().lengths * 500, bow.batch().index)
+    torch.manual_seed(0)
+    plain = POSTERIORS["gaussian_bow"](counts.shape[1], 4, hidden_dim=16)
+    torch.manual_seed(0)
+    unbounded = POSTERIORS["gaussian_bow"](counts.shape[1], 4, hidden_dim=16, bound=None)
+    torch.manual_seed(0)
+    bounded = POSTERIORS["gaussian_bow"](counts.shape[1], 4, hidden_dim=16, bound=[0.5, 0.25])
+    assert plain.state_dict().keys() == bounded.state_dict().keys()  # no new parameters
+    with torch.no_grad():
+        for module in (plain, unbounded, bounded):
+            module.to_params.weight.mul_(20.0)  # outputs well beyond the bounds
+    for a, b in zip(plain.params(batch), unbounded.params(batch)):
+        torch.testing.assert_close(a, b)
+    mean, logvar = plain.params(batch)
+    assert mean.abs().max() > 0.5 and logvar.abs().max() > 0.25
+    b_mean, b_logvar = bounded.params(batch)
+    assert b_mean.abs().max() <= 0.5 and b_logvar.abs().max() <= 0.25  # (tanh saturates to 1 in fp32)
+    torch.testing.assert_close(b_mean, 0.5 * torch.tanh(mean / 0.5))
+    torch.testing.assert_close(b_logvar, 0.25 * torch.tanh(logvar / 0.25))
+    torch.manual_seed(0)
+    dropped = POSTERIORS["gaussian_bow"](counts.shape[1], 4, hidden_dim=16, dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(dropped.eval().params(batch)[0], mean)  # evaluation: no dropout
+    assert not torch.allclose(dropped.train().params(batch)[0], mean)
+    with pytest.raises(ValueError, match="bound"):
+        POSTERIORS["gaussian_bow"](10, 2, bound=(1.0, 0.0))
+
+
+def test_npmi_of_a_scipy_matrix_equals_the_dense_one():
+    from latentlm.models.topic_model import npmi_coherence
+
+    counts, _ = _random_documents(n_docs=40, vocab_size=20)
+    top = torch.tensor([[5, 6, 7], [19, 8, 6], [10, 11, 12]])
+    torch.testing.assert_close(npmi_coherence(top, counts), npmi_coherence(top, torch.from_numpy(counts.toarray())))

@@ -23,16 +23,18 @@ def importance_sampled_log_marginal(
     """log p(x) ~= log (1/k) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); (B,).
 
     The k samples run in chunks of ``chunk`` samples for the whole batch, each chunk one
-    batched decoder pass over (chunk * B) rows. Consistent: -> log p(x) as k grows, and a
-    lower bound in expectation for every k (the IWAE bound). ``noise`` (k, B, D), for a
-    Gaussian q, fixes the standard-normal draws (z = mean + std * noise) so that two
-    evaluations can use the same samples. ``q`` skips the call to ``posterior`` when the
+    batched decoder pass over (chunk * B) rows. ``batch`` is a token ``Batch`` or a document
+    ``BowBatch`` (whose default chunk counts one row of V logits per document). Consistent:
+    -> log p(x) as k grows, and a lower bound in expectation for every k (the IWAE bound).
+    ``noise`` (k, B, D), for a Gaussian q, fixes the standard-normal draws
+    (z = mean + std * noise) so that two evaluations can use the same samples. ``q`` skips the call to ``posterior`` when the
     caller already holds q(z | x) for this batch.
     """
     q = posterior(batch) if q is None else q
     p = model.prior()
-    if chunk is None:
-        chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * batch.inputs.size(1)))
+    if chunk is None:  # a document BowBatch has no positions: one row per document
+        positions = batch.inputs.size(1) if hasattr(batch, "inputs") else 1
+        chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * positions))
     log_w = []
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
