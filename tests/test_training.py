@@ -141,3 +141,11 @@ def test_pretrain_hook_runs_two_stages(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "pretrain" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_budget_stop_on_a_validation_step_does_not_validate_twice(tmp_path):
+    cfg = load_config(TINY_LM, ["train.max_steps=6", "train.eval_every=3"])
+    train(cfg, tmp_path / "run", progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r["split"] == "valid"]
+    assert steps == [3, 6]

@@ -128,6 +128,7 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
+        self._validated_at: int | None = None
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -307,6 +308,7 @@ class Trainer:
     def _validate_and_schedule(self, per_epoch: bool) -> None:
         t, st = self.config.train, self.state
         metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
+        self._validated_at = st.step
         self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
                    "lr": self.optimizer.param_groups[0]["lr"]})
         if metrics["nll"] < st.best_valid - 1e-4:
@@ -337,7 +339,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         st = self.state
-        if st.best_valid == math.inf or st.stopped == "budget":
+        if st.best_valid == math.inf or (st.stopped == "budget" and self._validated_at != st.step):
             # The budget ran out between validations: validate once more so the best model is on disk.
             self._validate_and_schedule(per_epoch=False)
         self._checkpoint()
