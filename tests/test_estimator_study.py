@@ -49,3 +49,21 @@ def test_estimator_study_rows_enumeration_exact_and_loo_below_plain(tmp_path):
     assert paths["plot"].stat().st_size > 0
     assert paths["table"].read_text().count("\n") == len(rows) + 2
     assert json.loads(paths["json"].read_text())[0]["estimator"] == "enumerate"
+
+
+def test_a_run_trained_on_the_exact_marginal_is_studied_with_a_fresh_q(tmp_path):
+    from latentlm.config import load_config
+    from latentlm.evaluation.estimator_study import run_estimator_study
+    from latentlm.training import train
+
+    cfg = tmp_path / "m2.yaml"
+    cfg.write_text("data: {name: ptb, train_limit: 40, valid_limit: 20, max_vocab: 200}\n"
+                   "model: {type: rnn_mixture, num_components: 3, embed_dim: 8, hidden_dim: 8, component_dim: 4}\n"
+                   "objective: {type: exact}\ntrain: {max_steps: 2, batch_size: 8}\n")
+    train(load_config(cfg), tmp_path / "run", progress=False)
+    rows = run_estimator_study(tmp_path / "run", tmp_path / "study", batch_size=4, draws=3, samples=2,
+                               estimators={"enumerate": {"type": "elbo", "estimator": "enumerate"},
+                                           "sf_leave_one_out": {"type": "score_function", "baseline": "leave_one_out"}})
+    assert [r["estimator"] for r in rows] == ["enumerate", "sf_leave_one_out"]
+    assert rows[0]["exact_norm"] > 0 and rows[0]["bias"] < 1e-6 * rows[0]["exact_norm"]
+    assert (tmp_path / "study").is_dir()

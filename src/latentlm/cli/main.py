@@ -192,8 +192,9 @@ def _cmd_bench(args) -> int:
     from latentlm.evaluation.estimator_study import run_estimator_study
 
     out = args.out or str(Path(args.dir) / "estimator_study")
+    posterior = {"type": args.fresh_posterior} if args.fresh_posterior else None
     rows = run_estimator_study(args.dir, out, batch_size=args.batch_size, draws=args.draws, samples=args.samples,
-                               seed=args.seed, progress=True)
+                               seed=args.seed, progress=True, posterior=posterior)
     print(json.dumps(rows, indent=1, default=float))
     return 0
 
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--samples", type=int, default=4, help="samples per draw for the multi-sample estimators")
+    p.add_argument("--fresh-posterior", metavar="TYPE",
+                   help="study a freshly initialized q of this type (e.g. categorical_lstm) instead of the "
+                        "run's own (default for runs trained on the exact marginal, which have none)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -277,12 +277,26 @@ def study_batch(dataset: TextDataset, batch_size: int, seed: int) -> Batch:
 
 def run_estimator_study(run_dir: str | Path, out_dir: str | Path, batch_size: int = 16, draws: int = 200,
                         samples: int = 4, seed: int = 0, estimators: dict[str, Any] | None = None,
-                        data_dir: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+                        data_dir: str | None = None, progress: bool = False,
+                        posterior: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Load a trained run, take ``batch_size`` sentences of its valid split, run the study and
-    write table, JSON and plot into ``out_dir``. Backs ``latentlm bench estimators DIR``."""
-    from latentlm.system import load_pretrained
+    write table, JSON and plot into ``out_dir``. Backs ``latentlm bench estimators DIR``.
+
+    A run trained on the exact marginal has no q: ``posterior`` (a ``posterior`` config
+    section, e.g. ``{"type": "categorical_lstm"}``) then builds a fresh one (seeded), i.e.
+    the study is of the first steps of amortized inference on a model whose components are
+    in use — where the gradients are not the near-zero ones of a collapsed q.
+    """
+    from latentlm.system import _construct, load_pretrained
+    from latentlm.inference import POSTERIORS
 
     system, config, vocab = load_pretrained(run_dir)
+    if system.posterior is None or posterior is not None:
+        spec = posterior or {"type": "categorical_lstm"}
+        torch.manual_seed(seed)
+        system.posterior = _construct(POSTERIORS, spec, "posterior", vocab_size=len(vocab),
+                                      latent_dim=getattr(system.model, "latent_dim", None)
+                                      or getattr(system.model, "num_components", None))
     d = config.data
     folder = find_corpus(d.name, data_dir or d.data_dir)
     valid = TextDataset(read_lines(split_path(folder, "valid"), d.max_tokens, d.valid_limit).lines, vocab)
