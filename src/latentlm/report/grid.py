@@ -265,8 +265,10 @@ def write_report(out: str | Path, configs: list[str]) -> str:
         return table
     first = rows[0]["runs"][0]
     latent_n = next((r.get("latent_examples") for row in rows for r in row["runs"] if r.get("latent_examples")), None)
-    note = (f"Test split: first {first['examples']} sentences, NLL by importance sampling with {first['samples']} "
-            f"samples (exact for models without a continuous latent); NLL, −ELBO and KL in nats per sentence; "
+    samples = max((r.get("samples") or 0) for row in rows for r in row["runs"])
+    how = (f"NLL by importance sampling with {samples} samples (exact for models with a tractable marginal)"
+           if samples else "NLL exact (enumeration / dynamic programming)")
+    note = (f"Test split: first {first['examples']} sentences, {how}; NLL, −ELBO and KL in nats per sentence; "
             f"PPL per token incl. </s>; "
             + (f"MI and AU from the encoder over the first {latent_n} test sentences; " if latent_n else "")
             + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO.")
