@@ -45,11 +45,11 @@ def load(path: Path, tagset: str, lowercase: bool):
     return words, tags
 
 
-EXTRA_GOLD: dict[str, list[list[str]]] = {}  # other tag sets of the same words, scored too (e.g. UPOS)
-
-
 @torch.no_grad()
-def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]] | None, batch_size: int = 512) -> dict:
+def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]] | None, batch_size: int = 512,
+             extra_gold: dict[str, list[list[str]]] | None = None) -> dict:
+    """Per-token NLL / perplexity, and with ``gold`` the tagging scores (``extra_gold``: other tag
+    sets of the same words, e.g. UPOS, scored too with their name as a key prefix)."""
     model.eval()
     predicted: list[list[int]] = [[] for _ in range(len(data))]
     total, tokens = 0.0, 0
@@ -64,7 +64,7 @@ def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]] | None, ba
             predicted[i] = tags[row, : n[row]].tolist()
     scores = tagging_scores(predicted, gold).as_dict() if gold is not None else {}
     if gold is not None:
-        for name, other in EXTRA_GOLD.items():
+        for name, other in (extra_gold or {}).items():
             scores.update({f"{name}_{k}": v for k, v in tagging_scores(predicted, other).as_dict().items()})
     scores["nll_per_token"] = -total / tokens
     scores["perplexity"] = math.exp(-total / tokens)
@@ -73,26 +73,22 @@ def evaluate(model: HMMBase, data: TextDataset, gold: list[list[str]] | None, ba
     return scores
 
 
-last_model: list[HMMBase | None] = [None]  # the model of the latest run, for --heldout
-
-
-def run_hmm(args, data: TextDataset, gold, seed: int) -> dict:
+def run_hmm(args, data: TextDataset, gold, seed: int, extra_gold=None) -> tuple[HMMBase, dict]:
     torch.manual_seed(seed)
     model = HMM(len(data.vocab), args.states, init_scale=args.init_scale, seed=seed).to(torch.float64 if args.double else torch.float32)
     batches = list(data.batches(args.batch_size))
     config = BaumWelchConfig(iterations=args.iterations, smoothing=args.smoothing, emit_smoothing=args.emit_smoothing,
                              log_every=args.log_every)
     result = fit_baum_welch(model, batches, config)
-    last_model[0] = model
-    out = evaluate(model, data, gold)
+    out = evaluate(model, data, gold, extra_gold=extra_gold)
     out.update(iterations=result.iterations, seconds_per_iteration=result.seconds_per_iteration,
                final_train_log_likelihood=result.log_likelihoods[-1])
-    return out
+    return model, out
 
 
-def run_neural(args, data: TextDataset, gold, seed: int) -> dict:
+def run_neural(args, data: TextDataset, gold, seed: int, extra_gold=None) -> tuple[HMMBase, dict]:
     torch.manual_seed(seed)
-    model = last_model[0] = NeuralHMM(len(data.vocab), args.states, dim=args.dim, char_cnn=args.char_cnn, words=data.vocab.itos,
+    model = NeuralHMM(len(data.vocab), args.states, dim=args.dim, char_cnn=args.char_cnn, words=data.vocab.itos,
                       word_embeddings=not args.no_word_emb, dropout=args.dropout,
                       char_options={"filters": args.char_filters, "widths": tuple(args.char_widths),
                                     "char_dim": args.char_dim})
@@ -101,16 +97,16 @@ def run_neural(args, data: TextDataset, gold, seed: int) -> dict:
 
         def report(it: int, total: float) -> None:
             if args.log_every and (it + 1) % args.log_every == 0 and args.eval_every_log:
-                s = evaluate(model, data, gold)
+                s = evaluate(model, data, gold, extra_gold=extra_gold)
                 print(f"iter {it + 1}: m-1 {s['many_to_one']:.4f} 1-1 {s['one_to_one']:.4f} "
                       f"vm {s['v_measure']:.4f}", flush=True)
 
         result = fit_generalized_em(model, batches, args.iterations, args.m_steps, args.lr, args.log_every, report)
-        out = evaluate(model, data, gold)
+        out = evaluate(model, data, gold, extra_gold=extra_gold)
         out.update(iterations=result.iterations, seconds_per_iteration=result.seconds_per_iteration,
                    final_train_log_likelihood=result.log_likelihoods[-1], m_steps=args.m_steps, dim=args.dim,
                    char_cnn=args.char_cnn)
-        return out
+        return model, out
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start = time.perf_counter()
     step = 0
@@ -129,12 +125,12 @@ def run_neural(args, data: TextDataset, gold, seed: int) -> dict:
         if args.log_every and (epoch + 1) % args.log_every == 0:
             msg = f"epoch {epoch + 1}: train nll/token {total / tokens:.4f}"
             if args.eval_every_log:
-                s = evaluate(model, data, gold)
+                s = evaluate(model, data, gold, extra_gold=extra_gold)
                 msg += f"  m-1 {s['many_to_one']:.4f} 1-1 {s['one_to_one']:.4f} vm {s['v_measure']:.4f}"
             print(msg, flush=True)
-    out = evaluate(model, data, gold)
+    out = evaluate(model, data, gold, extra_gold=extra_gold)
     out.update(epochs=args.epochs, seconds=time.perf_counter() - start, steps=step)
-    return out
+    return model, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     words, gold = load(args.data, args.tagset, args.lowercase)
+    extra_gold: dict[str, list[list[str]]] = {}
     if args.data.suffix == ".conllu":  # score the other UD tag set of the same words as well
         other = "upos" if args.tagset == "xpos" else "xpos"
-        EXTRA_GOLD[other] = load(args.data, other, args.lowercase)[1]
+        extra_gold[other] = load(args.data, other, args.lowercase)[1]
     vocab = Vocab.build(words)
     data = TextDataset(words, vocab)
     heldout = TextDataset(load(args.heldout, args.tagset, args.lowercase)[0], vocab) if args.heldout else None
@@ -188,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in args.seeds:
         run = run_hmm if args.model == "hmm" else run_neural
-        r = run(args, data, gold, seed)
+        model, r = run(args, data, gold, seed, extra_gold)
         if heldout is not None:
-            h = evaluate(last_model[0], heldout, None)
+            h = evaluate(model, heldout, None)
             r.update(heldout=str(args.heldout.name), heldout_nll_per_token=h["nll_per_token"],
                      heldout_perplexity=h["perplexity"])
         r.update(seed=seed, model=args.model, data=str(args.data.name), states=args.states,
@@ -201,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(json.dumps(r) + "\n")
     keys = ["many_to_one", "one_to_one", "v_measure"]
-    for name in EXTRA_GOLD:
+    for name in extra_gold:
         keys += [f"{name}_{k}" for k in ("many_to_one", "one_to_one", "v_measure")]
     for key in (*keys, "perplexity", "heldout_perplexity"):
         vals = [r[key] for r in results if key in r]

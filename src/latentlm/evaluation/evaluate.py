@@ -12,6 +12,7 @@ from latentlm.data.batching import TextDataset
 from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perplexity
 from latentlm.inference.kl import kl_divergence_mc
+from latentlm.precision import autocast
 
 
 def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, logvars, usage) -> None:
@@ -84,7 +85,6 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     ``precision="bf16-mixed"`` runs the networks under bf16 autocast (fp32 normalizers);
     BENCHMARKS.md records how far its NLL moves from fp32.
     """
-    import contextlib
     from tqdm.auto import tqdm
 
     system.eval()
@@ -95,11 +95,9 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
     means, logvars = [], []
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
-    if precision not in ("fp32", "bf16-mixed"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16-mixed', got {precision!r}")
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    autocast(precision)  # an unknown precision fails here, before any work
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
-        with cast():
+        with autocast(precision):
             _evaluate_batch(model, posterior, refine, dataset.make_batch(idx), samples, totals, means, logvars,
                             usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]

@@ -45,3 +45,11 @@ def mutual_information(
         zc = z[:, start : start + chunk, None, :]  # (S, c, 1, D)
         log_agg.append(torch.logsumexp(gaussian_log_density(zc, means, logvars), dim=-1) - math.log(N))  # (S, c)
     return float((log_own - torch.cat(log_agg, dim=1)).mean())
+
+
+@torch.no_grad()
+def posterior_parameters(posterior, dataset, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, logvars), each (N, D) in fp32, of a Gaussian encoder (``posterior.params``) over
+    every example of ``dataset``, in the dataset's order of batches."""
+    params = [posterior.params(batch) for batch in dataset.batches(batch_size)]
+    return torch.cat([m.float() for m, _ in params]), torch.cat([lv.float() for _, lv in params])

@@ -109,7 +109,7 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from latentlm.evaluation import evaluate
-    from latentlm.evaluation.latent import active_units, mutual_information
+    from latentlm.evaluation.latent import active_units, mutual_information, posterior_parameters
     from latentlm.inference.svi import amortization_gap
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus
@@ -131,13 +131,10 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     posterior = system.posterior
     if posterior is None or not hasattr(posterior, "params"):  # MI and AU describe a Gaussian code
         metrics["mi"] = metrics["au"] = None
-    if posterior is not None and hasattr(posterior, "params"):
+    else:
         # MI and AU from the encoder alone over all plotted sentences (cheap, and a larger set
         # than the importance-sampled one: MI can be no larger than log N)
-        with torch.no_grad():
-            params = [posterior.params(b) for b in plotted.batches(config.eval.batch_size)]
-        means = torch.cat([m.float() for m, _ in params])
-        logvars = torch.cat([lv.float() for _, lv in params])
+        means, logvars = posterior_parameters(posterior, plotted, config.eval.batch_size)
         metrics["mi"] = mutual_information(means, logvars, generator=torch.Generator().manual_seed(config.eval.seed),
                                            samples=4)
         metrics["au"] = active_units(means)

@@ -30,7 +30,7 @@ import torch
 
 from latentlm.data.batching import Batch, TextDataset
 from latentlm.errors import ConfigError
-from latentlm.evaluation.latent import mutual_information
+from latentlm.evaluation.latent import mutual_information, posterior_parameters
 
 
 @dataclass
@@ -122,7 +122,7 @@ class AggressiveEncoderTraining:
             self.active = False
         return self.active
 
-    def end_epoch(self, valid_set: TextDataset | None = None, batch_size: int = 50) -> bool:
+    def end_epoch(self, valid_set: TextDataset | None = None, batch_size: int = 50, mi: float | None = None) -> bool:
         """Call after each epoch; returns whether the aggressive phase continues.
 
         Stops after ``max_epochs`` epochs, or (``stop_on_mi``) as soon as the validation
@@ -131,8 +131,9 @@ class AggressiveEncoderTraining:
         if not self.active:
             return False
         self.epochs_done += 1
-        if self.stop_on_mi and valid_set is not None:
-            mi = validation_mutual_information(self.system, valid_set, batch_size)
+        if self.stop_on_mi and (mi is not None or valid_set is not None):
+            if mi is None:  # else: the trainer's validation of this step already measured it
+                mi = validation_mutual_information(self.system, valid_set, batch_size)
             if mi <= self.best_mi:
                 self.active = False
             self.best_mi = max(self.best_mi, mi)
@@ -158,11 +159,6 @@ def validation_mutual_information(system, dataset: TextDataset, batch_size: int 
         return 0.0
     was_training = system.training
     system.eval()
-    means, logvars = [], []
-    for batch in dataset.batches(batch_size):
-        m, lv = posterior.params(batch)
-        means.append(m.float())
-        logvars.append(lv.float())
+    means, logvars = posterior_parameters(posterior, dataset, batch_size)
     system.train(was_training)
-    gen = torch.Generator().manual_seed(seed)
-    return mutual_information(torch.cat(means), torch.cat(logvars), generator=gen)
+    return mutual_information(means, logvars, generator=torch.Generator().manual_seed(seed))

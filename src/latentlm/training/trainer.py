@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from latentlm.data.vocab import Vocab
 from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
+from latentlm.precision import autocast
 from latentlm.system import System, build_system
 from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
@@ -39,16 +41,6 @@ from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, 
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s"]
-
-
-def autocast(precision: str):
-    """``bf16-mixed``: CPU/GPU autocast to bfloat16 with fp32 weights; ``fp32``: nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16-mixed":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.autocast(device, dtype=torch.bfloat16)
-    raise ConfigError(f"train.precision must be 'fp32' or 'bf16-mixed', got {precision!r}")
 
 
 def load_corpus(config: Config, vocab: Vocab | None = None, splits=("train", "valid", "test")):
@@ -129,6 +121,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
         self._validated_at: int | None = None
+        self._last_valid: dict[str, float] = {}
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -177,14 +170,11 @@ class Trainer:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.state.step]
         # Rewrite the kept history atomically (a kill right after a resume must not lose it),
         # then append.
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, kept.getvalue())
         self._metrics_fh = path.open("a", newline="")
         self._metrics = csv.DictWriter(self._metrics_fh, METRIC_FIELDS, extrasaction="ignore")
         self._tb = None
@@ -299,7 +289,9 @@ class Trainer:
                 if not t.eval_every:
                     self._validate_and_schedule(per_epoch=True)
                 if self.aggressive is not None and self.aggressive.active:
-                    still = self.aggressive.end_epoch(self.valid_set, cfg.eval.batch_size)
+                    # the validation just run already measured I_q(x; z): do not redo it
+                    mi = self._last_valid.get("mi") if self._validated_at == st.step else None
+                    still = self.aggressive.end_epoch(self.valid_set, cfg.eval.batch_size, mi=mi)
                     if self.is_main and not still:
                         tqdm.write(f"step {st.step}: aggressive encoder phase over; normal training from here")
         final = self._finish()
@@ -308,7 +300,7 @@ class Trainer:
     def _validate_and_schedule(self, per_epoch: bool) -> None:
         t, st = self.config.train, self.state
         metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
-        self._validated_at = st.step
+        self._validated_at, self._last_valid = st.step, metrics
         self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
                    "lr": self.optimizer.param_groups[0]["lr"]})
         if metrics["nll"] < st.best_valid - 1e-4:
