@@ -5,6 +5,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "data"  # small cuts of public corpora (tests/data/SOURCE.md)
 torch.set_num_threads(int(os.environ.get("LATENTLM_TEST_THREADS", "1")))
 
 
@@ -23,3 +24,21 @@ def tiny_corpus(tmp_path: Path) -> Path:
             lines.append(" ".join(words[i] for i in idx))
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@pytest.fixture
+def ptb_small() -> Path:
+    """300 / 60 / 60 PTB sentences held by the repository (train.txt, valid.txt, test.txt)."""
+    return FIXTURES / "ptb_small"
+
+
+@pytest.fixture
+def tagged_sample() -> Path:
+    """40 gold-tagged WSJ sentences (token TAB tag), 45-tag PTB set."""
+    return FIXTURES / "pos" / "treebank_sample.tsv"
+
+
+@pytest.fixture
+def docs_small() -> dict[str, Path]:
+    """Labelled 20 Newsgroups documents, 4 groups: 100 train and 40 test (jsonl)."""
+    return {s: FIXTURES / "docs" / f"20news_small.{s}.jsonl" for s in ("train", "test")}

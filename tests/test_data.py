@@ -48,8 +48,60 @@ def test_find_corpus_order(tiny_corpus, monkeypatch, tmp_path):
 
 
 def test_ptb_names_are_found():
+    folder = find_corpus("ptb")  # ../shared/data/ptb where it exists, else the bundled copy
+    assert split_path(folder, "train").name in ("ptb.train.txt", "ptb.train.txt.xz")
+
+
+@pytest.fixture
+def no_shared(monkeypatch, tmp_path):
+    """Pretend the repository sits in an empty folder (no ../shared beside it)."""
+    import latentlm.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_repo_root", lambda: tmp_path / "clone")
+    monkeypatch.delenv("LATENTLM_DATA", raising=False)
+
+
+def test_bundled_ptb_is_the_last_resort(no_shared, tiny_corpus, monkeypatch):
+    import hashlib
+
+    import latentlm.data.corpus as corpus
+
     folder = find_corpus("ptb")
-    assert split_path(folder, "train").name == "ptb.train.txt"
+    assert folder == corpus.BUNDLED / "ptb"
+    # The bundled copy decompresses to Mikolov's files exactly (sums from bundled/ptb/SOURCE.md).
+    expected = {"train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+                "valid": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+                "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"}
+    for split, digest in expected.items():
+        raw = corpus.lzma.decompress(split_path(folder, split).read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == digest
+    test = read_lines(split_path(folder, "test"))
+    assert len(test.lines) == 3761 and test.num_tokens == 78669
+    # Anything the user points at still comes first.
+    assert find_corpus("ptb", tiny_corpus) == tiny_corpus
+    monkeypatch.setenv("LATENTLM_DATA", str(tiny_corpus))
+    assert find_corpus("ptb") == tiny_corpus
+
+
+def test_compressed_splits_are_read_and_bad_archives_named(tmp_path):
+    import gzip
+    import lzma
+
+    (tmp_path / "train.txt.xz").write_bytes(lzma.compress(b"a b c\nd e\n"))
+    (tmp_path / "valid.txt.gz").write_bytes(gzip.compress(b"a b\n"))
+    (tmp_path / "test.txt.xz").write_bytes(b"not xz at all")
+    assert read_lines(split_path(tmp_path, "train")).lines == [["a", "b", "c"], ["d", "e"]]
+    assert read_lines(split_path(tmp_path, "valid")).lines == [["a", "b"]]
+    with pytest.raises(CorpusError, match=r"test\.txt\.xz: not a readable xz file"):
+        read_lines(split_path(tmp_path, "test"))
+    (tmp_path / "bad.txt.gz").write_bytes(gzip.compress(b"ok\ncaf\xe9\n"))
+    with pytest.raises(CorpusError, match=r"bad\.txt\.gz:2: bytes that are not UTF-8"):
+        read_lines(tmp_path / "bad.txt.gz")
+
+
+def test_missing_corpus_lists_every_place_looked(no_shared):
+    with pytest.raises(CorpusError, match="(?s)not found.*shared.data.wikitext.*bundled.wikitext.*--data-dir"):
+        find_corpus("wikitext")
 
 
 @pytest.mark.parametrize(

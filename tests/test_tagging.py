@@ -69,11 +69,8 @@ def test_readers(tmp_path):
         read_tagged_tsv(tmp_path / "missing.tsv")
 
 
-def test_shared_treebank_sample_if_present():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "pos" / "treebank_wsj_sample.tsv"
-    if not path.is_file():
-        pytest.skip("shared treebank sample not present")
-    c = read_tagged_tsv(path)
-    assert len(c) == 3914 and c.num_tokens == 94084 and len(c.tagset) == 45
+def test_treebank_fixture_reads(tagged_sample):
+    c = read_tagged_tsv(tagged_sample)
+    assert len(c) == 40 and c.num_tokens == sum(len(w) for w in c.words)
+    assert all(len(w) == len(t) for w, t in zip(c.words, c.tags))
+    assert {"NN", "DT", "VBD", "."} <= set(c.tagset)

@@ -1,12 +1,19 @@
 """Finding and reading corpora: a folder with train/valid/test text files.
 
 Each line is one sentence (or document), whitespace-tokenized. Both PTB's
-``ptb.{split}.txt`` and plain ``{split}.txt`` names are recognized. Every problem with
-the files is reported as a :class:`CorpusError` naming the file and the line.
+``ptb.{split}.txt`` and plain ``{split}.txt`` names are recognized, plain or compressed
+(``.txt.xz``, ``.txt.gz``: read transparently). Every problem with the files is reported
+as a :class:`CorpusError` naming the file and the line.
+
+Mikolov's PTB language-modelling text ships inside the package (``bundled/ptb``, xz, 1.4 MB;
+source and terms in ``bundled/ptb/SOURCE.md``), so a bare clone trains and tests without
+any data folder beside it.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +24,35 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_MAX_TOKENS = 400
 
 
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+_SUFFIXES = ("", ".xz", ".gz")  # plain, xz- or gzip-compressed text
+
+
 def _repo_root() -> Path:
     # src/latentlm/data/corpus.py -> repo root is three levels above the package.
     return Path(__file__).resolve().parents[3]
 
 
-def find_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Locate corpus ``name``: ``data_dir`` first, then ``$LATENTLM_DATA``, then
-    ``../shared/data/<name>`` beside the repository.
-
-    ``data_dir`` may be the corpus folder itself or a folder that contains ``<name>/``.
-    """
+def corpus_candidates(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders :func:`find_corpus` tries for ``name``, in order."""
     candidates: list[Path] = []
     for base in (data_dir, os.environ.get("LATENTLM_DATA")):
         if base:
             base = Path(base).expanduser()
             candidates += [base / name, base]
     candidates.append(_repo_root().parent / "shared" / "data" / name)
+    candidates.append(BUNDLED / name)
+    return candidates
+
+
+def find_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Locate corpus ``name``: ``data_dir`` first, then ``$LATENTLM_DATA``, then
+    ``../shared/data/<name>`` beside the repository, then the copy bundled with the
+    package (PTB only).
+
+    ``data_dir`` may be the corpus folder itself or a folder that contains ``<name>/``.
+    """
+    candidates = corpus_candidates(name, data_dir)
     for path in candidates:
         if path.is_dir() and any(split_path(path, s, must_exist=False) for s in SPLITS):
             return path
@@ -46,13 +65,17 @@ def find_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def split_path(folder: Path, split: str, must_exist: bool = True) -> Path | None:
+    """The file of ``split`` in ``folder``: ``<folder>.<split>.txt`` or ``<split>.txt``
+    (either may end in ``.xz`` / ``.gz``), else any ``*.<split>.txt``."""
     folder = Path(folder)
-    for candidate in (folder / f"{folder.name}.{split}.txt", folder / f"{split}.txt"):
-        if candidate.is_file():
-            return candidate
-    matches = sorted(folder.glob(f"*.{split}.txt"))
-    if matches:
-        return matches[0]
+    for suffix in _SUFFIXES:
+        for candidate in (folder / f"{folder.name}.{split}.txt{suffix}", folder / f"{split}.txt{suffix}"):
+            if candidate.is_file():
+                return candidate
+    for suffix in _SUFFIXES:
+        matches = sorted(folder.glob(f"*.{split}.txt{suffix}"))
+        if matches:
+            return matches[0]
     if must_exist:
         raise CorpusError(
             f"split {split!r} missing in {folder}: expected {folder.name}.{split}.txt or {split}.txt"
@@ -77,6 +100,12 @@ def read_utf8(path: str | os.PathLike) -> tuple[Path, str]:
     if not path.is_file():
         raise CorpusError(f"{path}: file not found")
     raw = path.read_bytes()
+    opener = {".xz": lzma.decompress, ".gz": gzip.decompress}.get(path.suffix)
+    if opener is not None:
+        try:
+            raw = opener(raw)
+        except (lzma.LZMAError, OSError, EOFError) as err:
+            raise CorpusError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
     try:
         return path, raw.decode("utf-8")
     except UnicodeDecodeError as err:
