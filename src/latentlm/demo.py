@@ -37,6 +37,10 @@ def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, sampl
         ("sentence VAE", "vae", CONFIGS / "vae.yaml", vae_minutes,
          ["objective.kl_schedule.steps=2000", "objective.free_bits=0.1"]),
     ]
+    from latentlm.data.corpus import find_corpus
+
+    first = load_config(CONFIGS / "lm.yaml")
+    print(f"== corpus {first.data.name!r}: {find_corpus(first.data.name, first.data.data_dir)} ==", flush=True)
     rows = []
     for title, name, config_path, minutes, extra in jobs:
         config = load_config(config_path, [f"train.max_minutes={minutes}", "train.eval_every=1000000", *extra])
