@@ -23,3 +23,15 @@ def tiny_corpus(tmp_path: Path) -> Path:
             lines.append(" ".join(words[i] for i in idx))
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a GPU (``make gpu-check``) and are skipped,
+    with the reason, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU (torch {torch.__version__}, torch.version.cuda = "
+                                   f"{torch.version.cuda}, no device visible); run `make gpu-check` on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
