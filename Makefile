@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# On a GPU machine: CUDA-marked tests + a short PTB VAE training and evaluation on the GPU.
+# Uses the machine's preinstalled CUDA torch, not .venv's CPU build (see scripts/gpu_check.sh).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -42,3 +42,15 @@ def tagged_sample() -> Path:
 def docs_small() -> dict[str, Path]:
     """Labelled 20 Newsgroups documents, 4 groups: 100 train and 40 test (jsonl)."""
     return {s: FIXTURES / "docs" / f"20news_small.{s}.jsonl" for s in ("train", "test")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a GPU (``make gpu-check``) and are skipped,
+    with the reason, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU (torch {torch.__version__}, torch.version.cuda = "
+                                   f"{torch.version.cuda}, no device visible); run `make gpu-check` on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int | None = None      # steps between validations (default: each epoch)
     log_every: int = 20
     precision: str = "fp32"            # fp32 | bf16-mixed
+    device: str = "auto"               # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     num_threads: int | None = None
     keep_checkpoints: int = 2
     aggressive: dict[str, Any] | None = None  # {max_inner_steps, check_every, max_epochs}: He et al. 2019

@@ -25,6 +25,7 @@ CONFIGS = REPO / "configs" / "ptb"
 
 
 def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, samples: int) -> None:
+    from latentlm.device import device_generator, module_device
     from latentlm.evaluation import evaluate, interpolate, sample_sentences
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus, train
@@ -46,14 +47,14 @@ def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, sampl
         config = load_config(config_path, [f"train.max_minutes={minutes}", "train.eval_every=1000000", *extra])
         print(f"== training the {title} for {minutes} min ({config_path.relative_to(REPO)}) ==", flush=True)
         train(config, out / name)
-        system, config, vocab = load_pretrained(out / name)
+        system, config, vocab = load_pretrained(out / name, device=None)  # where it trained (train.device)
         config.data.test_limit = test_limit
         _, data = load_corpus(config, vocab, splits=("test",))
         print(f"== evaluating the {title} on {test_limit} test sentences ==", flush=True)
         result = evaluate(system, data["test"], samples=samples, progress=True)
         rows.append((title, result))
         if name == "vae":
-            gen = torch.Generator().manual_seed(0)
+            gen = device_generator(0, module_device(system))
             vae_text = {
                 "samples": sample_sentences(system.model, vocab, 3, generator=gen),
                 "interpolation": interpolate(system.model, system.posterior, vocab,

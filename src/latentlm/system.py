@@ -15,6 +15,7 @@ from torch import nn
 from latentlm.config import Config, config_from_dict
 from latentlm.data.batching import Batch
 from latentlm.data.vocab import Vocab
+from latentlm.device import resolve_device
 from latentlm.errors import CheckpointError, ConfigError
 from latentlm.inference import OBJECTIVES, POSTERIORS
 from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
@@ -62,23 +63,28 @@ def build_system(config: Config, vocab_size: int) -> System:
     return System(model, posterior, objective)
 
 
-def load_pretrained(directory: str | Path, weights: str = "model.safetensors") -> tuple[System, Config, Vocab]:
-    """Load a trained run directory. Only safetensors and JSON are read, never pickles."""
+def load_pretrained(directory: str | Path, weights: str = "model.safetensors",
+                    device: str | torch.device | None = "cpu") -> tuple[System, Config, Vocab]:
+    """Load a trained run directory onto ``device`` (``auto | cpu | cuda | cuda:N``, or None for
+    the run's own ``train.device``), wherever it was trained: the weights are read to the CPU,
+    then moved. Only safetensors and JSON are read, never pickles."""
     directory = Path(directory)
     for name in ("config.json", "vocab.json", weights):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: missing {name}; is this a latentlm run directory?")
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
     vocab = Vocab.load(directory / "vocab.json")
+    target = resolve_device(config.train.device if device is None else device)
     system = build_system(config, len(vocab))
     load_state(system, directory / weights)
+    system.to(target)
     system.eval()
     return system, config, vocab
 
 
 def load_state(module: nn.Module, path: Path) -> None:
     try:
-        state = load_file(str(path))
+        state = load_file(str(path), device="cpu")  # the weights' device is the caller's choice, not the file's
     except Exception as err:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
     missing, unexpected = module.load_state_dict(state, strict=False)

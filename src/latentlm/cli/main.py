@@ -17,17 +17,19 @@ def _cmd_train(args) -> int:
     config = load_config(args.config, args.set)
     if args.data_dir:
         config.data.data_dir = args.data_dir
+    if args.device:
+        config.train.device = args.device
     out = args.out or str(Path("runs") / Path(args.config).stem)
     summary = train(config, out, resume=args.resume, progress=None if not args.quiet else False)
     print(json.dumps({"out": out, **summary}))
     return 0
 
 
-def _load_split(directory: str, split: str, data_dir: str | None, limit: int | None):
+def _load_split(directory: str, split: str, data_dir: str | None, limit: int | None, device: str = "auto"):
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus
 
-    system, config, vocab = load_pretrained(directory)
+    system, config, vocab = load_pretrained(directory, device=device)
     if data_dir:
         config.data.data_dir = data_dir
     if limit is not None:
@@ -39,7 +41,7 @@ def _load_split(directory: str, split: str, data_dir: str | None, limit: int | N
 def _cmd_evaluate(args) -> int:
     from latentlm.evaluation import evaluate
 
-    system, config, _, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit)
+    system, config, _, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit, args.device)
     samples = args.samples if args.samples is not None else config.eval.samples
     result = evaluate(system, dataset, samples=samples, batch_size=config.eval.batch_size,
                       seed=config.eval.seed, progress=not args.json, precision=args.precision)
@@ -57,11 +59,12 @@ def _cmd_evaluate(args) -> int:
 def _cmd_sample(args) -> int:
     import torch
 
+    from latentlm.device import device_generator, module_device
     from latentlm.evaluation import sample_sentences
     from latentlm.system import load_pretrained
 
-    system, _, vocab = load_pretrained(args.dir)
-    gen = torch.Generator().manual_seed(args.seed)
+    system, _, vocab = load_pretrained(args.dir, device=args.device)
+    gen = device_generator(args.seed, module_device(system))  # CUDA sampling needs a CUDA generator
     torch.manual_seed(args.seed)
     for line in sample_sentences(system.model, vocab, args.n, greedy=args.greedy, generator=gen):
         print(line)
@@ -77,7 +80,7 @@ def _cmd_interpolate(args) -> int:
     from latentlm.evaluation import interpolate
     from latentlm.system import load_pretrained
 
-    system, _, vocab = load_pretrained(args.dir)
+    system, _, vocab = load_pretrained(args.dir, device=args.device)
     _needs_posterior(system, "interpolate")
     for line in interpolate(system.model, system.posterior, vocab, args.a.split(), args.b.split(), args.steps):
         print(line)
@@ -88,7 +91,7 @@ def _cmd_reconstruct(args) -> int:
     from latentlm.evaluation import reconstruct
     from latentlm.system import load_pretrained
 
-    system, _, vocab = load_pretrained(args.dir)
+    system, _, vocab = load_pretrained(args.dir, device=args.device)
     _needs_posterior(system, "reconstruct")
     for src, rec in zip(args.sentences, reconstruct(system.model, system.posterior, vocab,
                                                     [s.split() for s in args.sentences])):
@@ -101,10 +104,12 @@ def _cmd_tag(args) -> int:
     from latentlm.data.batching import TextDataset
     from latentlm.data.conll import read_conllu, read_tagged_tsv
     from latentlm.data.corpus import read_lines
+    from latentlm.device import module_device
     from latentlm.evaluation.tagging import tagging_scores
     from latentlm.system import load_pretrained
 
-    system, _, vocab = load_pretrained(args.dir)
+    system, _, vocab = load_pretrained(args.dir, device=args.device)
+    device = module_device(system)
     model = system.model
     if not hasattr(model, "tag"):
         raise LatentLMError(f"{args.dir} holds a {type(model).__name__}, which does not tag; train an hmm or neural_hmm")
@@ -121,8 +126,8 @@ def _cmd_tag(args) -> int:
     dataset = TextDataset(sentences, vocab)
     states: list[list[int]] = [[] for _ in sentences]
     for idx in dataset.batch_indices(args.batch_size):
-        batch = dataset.make_batch(idx)
-        tags = model.tag(batch)  # (B, N)
+        batch = dataset.make_batch(idx).to(device)
+        tags = model.tag(batch).cpu()  # (B, N)
         for row, i in enumerate(idx):
             states[i] = tags[row, : len(sentences[i])].tolist()
     result = {"sentences": len(sentences), "tokens": sum(map(len, sentences))}
@@ -166,7 +171,7 @@ def _cmd_cluster(args) -> int:
         atomic_write_text(out / "config.json", config.to_json())
         docs.vocab.save(out / "vocab.json")
         save_weights(System(model, None, ExactMarginal()), out / "model.safetensors")
-    system, _, vocab = load_pretrained(out)
+    system, _, vocab = load_pretrained(out, device=args.device)  # the --fit above runs on the CPU
     if not isinstance(system.model, NaiveBayesMixture):
         raise LatentLMError(f"{out} holds a {type(system.model).__name__}; `cluster` needs an nb_mixture run")
     docs = load_documents(args.data, vocab=vocab)
@@ -207,13 +212,19 @@ def _cmd_grid(args) -> int:
     else:
         run_grid(args.configs, args.out, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
                  overrides=args.set, test_limit=args.test_limit, samples=args.samples, precision=args.precision,
-                 gap_sentences=args.gap_sentences, gap_steps=args.gap_steps, data_dir=args.data_dir)
+                 gap_sentences=args.gap_sentences, gap_steps=args.gap_steps, data_dir=args.data_dir,
+                 device=args.device)
         table = write_report(args.out, args.configs)
     if args.results:
         note = (Path(args.out) / "grid.md").read_text(encoding="utf-8") if (Path(args.out) / "grid.md").is_file() else table
         update_results_file(args.results, args.name or Path(args.out).name, note)
     print(table)
     return 0
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the corpus (else $LATENTLM_DATA, else ../shared/data)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", help="shorthand for --set train.device=...: auto | cpu | cuda | cuda:N")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="NLL/PPL, ELBO, KL, MI, AU on a split")
@@ -239,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: networks under bf16 autocast, normalizers in fp32 (faster IS-k)")
+    _device_option(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sample", help="sentences sampled from the model (from the prior for latent models)")
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=5)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    _device_option(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("interpolate", help="decode along the line between two sentences' posterior means")
@@ -253,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--steps", type=int, default=5)
+    _device_option(p)
     p.set_defaults(func=_cmd_interpolate)
 
     p = sub.add_parser("reconstruct", help="greedy decoding from the posterior mean of each sentence")
     p.add_argument("dir")
     p.add_argument("sentences", nargs="+")
+    _device_option(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("tag", help="Viterbi states of each sentence under an HMM run (scores vs gold tags if given)")
@@ -265,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="text (one sentence per line), token<TAB>tag .tsv, or .conllu")
     p.add_argument("--tagset", default="upos", choices=["upos", "xpos"], help="gold tags of a .conllu file")
     p.add_argument("--batch-size", type=int, default=64)
+    _device_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tag)
 
@@ -277,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-df", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=10)
+    _device_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_cluster)
 
@@ -294,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-steps", type=int, default=50, help="per-example optimization steps for the gap")
     p.add_argument("--data-dir")
     p.add_argument("--report-only", action="store_true", help="rebuild table and plots from finished runs")
+    p.add_argument("--device", help="train.device for every row's training and evaluation: auto | cpu | cuda | "
+                                    "cuda:N (default: each config's own)")
     p.add_argument("--results", help="also write the table into this markdown file between grid markers")
     p.add_argument("--name", help="marker name in --results (default: the --out folder's name)")
     p.set_defaults(func=_cmd_grid)

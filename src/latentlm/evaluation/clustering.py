@@ -143,9 +143,9 @@ def cluster_documents(model, docs: BagOfWords, top_n: int = 10, batch_size: int 
     model.eval()
     assignments, log_px = [], []
     for batch in docs.batches(batch_size, dtype=model.word_logits.dtype):
-        joint = model.log_joint(batch)  # (B, K)
-        assignments.append(joint.argmax(-1))
-        log_px.append(torch.logsumexp(joint, -1))
+        joint = model.log_joint(batch.to(model.word_logits.device))  # (B, K) on the model's device
+        assignments.append(joint.argmax(-1).cpu())
+        log_px.append(torch.logsumexp(joint, -1).cpu())
     model.train(was_training)
     assign = torch.cat(assignments).numpy()
     total = float(torch.cat(log_px).double().sum())

@@ -100,7 +100,7 @@ def exact_iwae_gradient(model, posterior, batch: Batch, samples: int) -> torch.T
     with torch.no_grad():
         ll = model.log_likelihood_all(batch)                            # (K, B)
     log_w = ll + prior.logits.log_softmax(-1)[:, None] - log_q          # (K, B)
-    tuples = torch.tensor(list(itertools.product(range(K), repeat=samples)))  # (K^S, S)
+    tuples = torch.tensor(list(itertools.product(range(K), repeat=samples)), device=log_w.device)  # (K^S, S)
     bound = torch.logsumexp(log_w[tuples], 1) - math.log(samples)       # (K^S, B)
     weight = log_q[tuples].sum(1).exp()                                 # (K^S, B) prob. of each tuple
     params = [p for p in posterior.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
 from latentlm.data.batching import TextDataset
+from latentlm.device import device_generator, module_device
 from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perplexity
 from latentlm.inference.kl import kl_divergence_mc
@@ -84,22 +85,25 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     components that are some example's MAP under p(z | x) / under q.
     ``precision="bf16-mixed"`` runs the networks under bf16 autocast (fp32 normalizers);
     BENCHMARKS.md records how far its NLL moves from fp32.
+    Runs on the device of ``system`` (move it first, e.g. ``load_pretrained(dir, device=...)``);
+    batches follow it, and ``result["device"]`` says where it ran.
     """
     from tqdm.auto import tqdm
 
     system.eval()
     model, posterior = system.model, system.posterior
     refine = getattr(system.objective, "evaluation_posterior", None)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    device = module_device(system)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+    gen = device_generator(seed, device)
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
     means, logvars = [], []
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
-    autocast(precision)  # an unknown precision fails here, before any work
+    autocast(precision, device)  # an unknown precision fails here, before any work
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
-        with autocast(precision):
-            _evaluate_batch(model, posterior, refine, dataset.make_batch(idx), samples, totals, means, logvars,
-                            usage)
+        with autocast(precision, device):
+            _evaluate_batch(model, posterior, refine, dataset.make_batch(idx).to(device), samples, totals, means,
+                            logvars, usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]
     result = {"examples": n, "tokens": tokens, "nll": nll / n, "ppl": perplexity(nll, tokens),
               "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": 0.0, "au": 0, "samples": samples}
@@ -116,4 +120,5 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
         result["samples"] = 0
     result["nll_per_token"] = nll / tokens
     result["bits_per_token"] = result["nll_per_token"] / math.log(2)
+    result["device"] = str(device)
     return result

@@ -8,6 +8,7 @@ import torch
 
 from latentlm.data.batching import collate
 from latentlm.data.vocab import Vocab
+from latentlm.device import module_device
 
 
 def _detok(vocab: Vocab, ids: torch.Tensor) -> list[str]:
@@ -17,12 +18,14 @@ def _detok(vocab: Vocab, ids: torch.Tensor) -> list[str]:
 @torch.no_grad()
 def sample_sentences(model, vocab: Vocab, num: int = 3, greedy: bool = False, max_len: int = 50,
                      generator: torch.Generator | None = None) -> list[str]:
+    """``num`` sentences from the model (z from the prior for a latent model); a ``generator``
+    must live on the model's device (``latentlm.device.device_generator``)."""
     z = model.prior().sample((num,)) if model.latent != "none" else None
     return _detok(vocab, model.generate(z, num, max_len=max_len, greedy=greedy, generator=generator))
 
 
 def encode_means(posterior, vocab: Vocab, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
-    batch = collate([vocab.encode_sentence(s) for s in sentences], range(len(sentences)))
+    batch = collate([vocab.encode_sentence(s) for s in sentences], range(len(sentences))).to(module_device(posterior))
     return posterior(batch).mean  # (N, D)
 
 
@@ -40,6 +43,6 @@ def interpolate(model, posterior, vocab: Vocab, a: Sequence[str], b: Sequence[st
     if steps < 2:
         raise ValueError(f"interpolation needs at least 2 steps, got {steps}")
     za, zb = encode_means(posterior, vocab, [a, b])
-    t = torch.linspace(0, 1, steps)[:, None]
+    t = torch.linspace(0, 1, steps, device=za.device)[:, None]
     z = (1 - t) * za + t * zb  # (steps, D)
     return _detok(vocab, model.generate(z, steps, max_len=max_len, greedy=True))

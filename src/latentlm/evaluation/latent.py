@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from latentlm.device import module_device
+
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
     """Dimensions d with Cov_x(E_q[z_d | x]) > threshold (Burda et al. 2016); means is (N, D)."""
@@ -37,7 +39,9 @@ def mutual_information(
     error of about sqrt(D / 2N) nats, which swamps a near-collapsed code in 32 dimensions).
     """
     N, D = means.shape
-    eps = torch.randn((samples, N, D), generator=generator, dtype=means.dtype)
+    # drawn on the generator's device (a CPU generator gives the same numbers wherever means live)
+    eps = torch.randn((samples, N, D), generator=generator, dtype=means.dtype,
+                      device=means.device if generator is None else generator.device).to(means.device)
     z = means + eps * (0.5 * logvars).exp()  # (S, N, D)
     log_own = gaussian_log_density(z, means, logvars)  # (S, N)
     log_agg = []
@@ -50,6 +54,7 @@ def mutual_information(
 @torch.no_grad()
 def posterior_parameters(posterior, dataset, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """(means, logvars), each (N, D) in fp32, of a Gaussian encoder (``posterior.params``) over
-    every example of ``dataset``, in the dataset's order of batches."""
-    params = [posterior.params(batch) for batch in dataset.batches(batch_size)]
+    every example of ``dataset``, in the dataset's order of batches (on the posterior's device)."""
+    device = module_device(posterior)
+    params = [posterior.params(batch.to(device)) for batch in dataset.batches(batch_size)]
     return torch.cat([m.float() for m, _ in params]), torch.cat([lv.float() for _, lv in params])

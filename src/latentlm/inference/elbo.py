@@ -84,7 +84,7 @@ class VIMCO(Objective):
             lw = log_w.detach()
             others_mean = (lw.sum(0, keepdim=True) - lw) / (k - 1)  # (k, B)
             # L_{-j}: sample j's log-weight replaced by the others' mean
-            eye = torch.eye(k, dtype=torch.bool)[:, :, None]        # (k, k, 1)
+            eye = torch.eye(k, dtype=torch.bool, device=lw.device)[:, :, None]        # (k, k, 1)
             replaced = torch.where(eye, others_mean[None], lw[None].expand(k, -1, -1))  # (j, k, B)
             loo = torch.logsumexp(replaced, 1) - math.log(k)         # (k, B)
             signal = bound.detach()[None] - loo

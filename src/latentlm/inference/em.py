@@ -110,7 +110,7 @@ class EMData:
             self.counts_t = counts.t().contiguous()
         self.num_docs, self.vocab_size = counts.shape
         self.dtype = dtype
-        ones = torch.ones(self.vocab_size, 1, dtype=dtype)
+        ones = torch.ones(self.vocab_size, 1, dtype=dtype, device=counts.device)
         self.lengths = (counts @ ones).squeeze(1).to(torch.float64)  # (N,) row sums (may be fractional)
         self.num_tokens = float(self.lengths.sum())
 
@@ -222,9 +222,10 @@ def m_step(
 def _random_start(num_clusters: int, data: EMData, config: EMConfig, generator: torch.Generator) -> MixtureParams:
     """M-step from Dirichlet(1) random responsibilities: the textbook EM initialization."""
     gamma = torch.empty(data.num_docs, num_clusters, dtype=torch.float64).exponential_(generator=generator)
-    resp = (gamma / gamma.sum(-1, keepdim=True)).to(data.dtype)  # (N, K)
-    placeholder = MixtureParams(torch.zeros(num_clusters, dtype=data.dtype),
-                                torch.zeros(data.vocab_size, num_clusters, dtype=data.dtype))
+    device = data.counts.device  # gamma comes from the (CPU) generator, the rest lives with the data
+    resp = (gamma / gamma.sum(-1, keepdim=True)).to(data.dtype).to(device)  # (N, K)
+    placeholder = MixtureParams(torch.zeros(num_clusters, dtype=data.dtype, device=device),
+                                torch.zeros(data.vocab_size, num_clusters, dtype=data.dtype, device=device))
     return _m_step(placeholder, data, resp, config.smoothing, config.mixture_smoothing)
 
 
@@ -236,7 +237,7 @@ def _perturb(params: MixtureParams, scale: float, generator: torch.Generator) ->
     beta passes the critical value where splitting raises F_beta (Rose 1998).
     """
     log_words_t = params.log_words_t
-    noise = torch.randn(log_words_t.shape, generator=generator, dtype=torch.float64).to(log_words_t.dtype)
+    noise = torch.randn(log_words_t.shape, generator=generator, dtype=torch.float64).to(log_words_t)
     return MixtureParams(params.log_mix, torch.log_softmax(log_words_t + scale * noise, dim=0))  # (V, K)
 
 

@@ -143,7 +143,7 @@ class GumbelSoftmax(Estimator):
     def forward(self, model, q, batch, samples, step=0):
         if not isinstance(q, Categorical):
             raise ValueError(f"Gumbel-softmax needs a categorical q, got {type(q).__name__}")
-        relaxed = RelaxedOneHotCategorical(torch.tensor(self.tau(step)), logits=q.logits)
+        relaxed = RelaxedOneHotCategorical(torch.tensor(self.tau(step), device=q.logits.device), logits=q.logits)
         z = relaxed.rsample((samples,))  # (S, B, K) on the simplex
         if self.straight_through:
             hard = F.one_hot(z.argmax(-1), z.size(-1)).to(z.dtype)

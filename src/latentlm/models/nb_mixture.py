@@ -135,11 +135,11 @@ class NaiveBayesMixture(LatentVariableModel):
         self, lengths: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw documents of the given ``lengths`` (N,): cluster ids (N,) and dense counts (N, V)."""
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
         mix = self.log_mixture().exp()
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=mix.device)
         z = torch.multinomial(mix, lengths.numel(), replacement=True, generator=generator)  # (N,)
         probs = self.log_word_probs().exp()  # (K, V)
-        counts = torch.zeros(lengths.numel(), self.vocab_size, dtype=probs.dtype)
+        counts = torch.zeros(lengths.numel(), self.vocab_size, dtype=probs.dtype, device=probs.device)
         for k in z.unique().tolist():  # loop over clusters (K), not documents or tokens
             rows = (z == k).nonzero().squeeze(1)
             total = int(lengths[rows].sum())

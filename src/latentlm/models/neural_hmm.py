@@ -122,7 +122,7 @@ def expected_complete_log_likelihood(
     Its gradient at the parameters the counts came from equals the gradient of log p(x)
     (Fisher's identity), so maximizing it is a generalized M-step.
     """
-    total = torch.zeros((), dtype=counts[0].dtype)
+    total = torch.zeros((), dtype=counts[0].dtype, device=counts[0].device)
     for c, logp in zip(counts, model.log_probs()):
         total = total + torch.where(c > 0, c * logp, 0.0).sum()  # 0 * (-inf) of never-emitted words -> 0
     return total

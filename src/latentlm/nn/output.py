@@ -17,8 +17,9 @@ BLOCK_ROWS = 256
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype products run in: bf16 under CPU autocast, else the weight's own."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    """The dtype products run in: bf16 under autocast on the weight's device type, else the weight's own."""
+    kind = weight.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
 
 def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
@@ -80,10 +81,10 @@ def linear_log_softmax_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
                               dtype: torch.dtype | None = None) -> torch.Tensor:
     """log softmax(h W^T + b)[target] per row, (M,) fp32, differentiable in h, weight, bias.
 
-    ``dtype`` is the compute dtype of the products (default: bf16 under CPU autocast, else
+    ``dtype`` is the compute dtype of the products (default: bf16 under autocast, else
     the weight's dtype); the normalizer is always accumulated in fp32.
     """
     if dtype is None:
         dtype = compute_dtype(weight)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(weight.device.type, enabled=False):
         return _LinearLogSoftmaxGather.apply(h, weight, bias, target, dtype)

@@ -45,6 +45,7 @@ class GridJob:
     gap_steps: int
     threads: int
     data_dir: str | None = None
+    device: str | None = None  # train.device for training and evaluation; None: each config's own
 
 
 def run_label(config_path: str | Path) -> str:
@@ -70,7 +71,8 @@ def run_job(job: GridJob) -> dict[str, Any]:
     result_path = directory / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
-    config = load_config(job.config, [*job.overrides, f"seed={job.seed}"])
+    device = [f"train.device={job.device}"] if job.device else []
+    config = load_config(job.config, [*job.overrides, *device, f"seed={job.seed}"])
     if job.data_dir:
         config.data.data_dir = job.data_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,13 +110,14 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
+    from latentlm.device import module_device
     from latentlm.evaluation import evaluate
     from latentlm.evaluation.latent import active_units, mutual_information, posterior_parameters
     from latentlm.inference.svi import amortization_gap
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus
 
-    system, config, vocab = load_pretrained(directory)
+    system, config, vocab = load_pretrained(directory, device=job.device)  # None: the run's train.device
     if job.data_dir:
         config.data.data_dir = job.data_dir
     limit = job.test_limit if job.test_limit is not None else config.data.test_limit
@@ -142,7 +145,8 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
         save_file({"means": means.contiguous()}, str(directory / "test_means.safetensors"))
         if job.gap_sentences and _plain_gaussian(system):
             n = min(job.gap_sentences, len(test))
-            batches = [test.make_batch(list(range(s, min(s + config.eval.batch_size, n))))
+            device = module_device(system)
+            batches = [test.make_batch(list(range(s, min(s + config.eval.batch_size, n)))).to(device)
                        for s in range(0, n, config.eval.batch_size)]
             gap = amortization_gap(system.model, posterior, batches, steps=job.gap_steps, seed=config.eval.seed)
             metrics["gap"] = gap["gap"]
@@ -157,7 +161,7 @@ def _plain_gaussian(system) -> bool:
 def run_grid(configs: list[str], out: str | Path, seeds: int = 1, jobs: int = 1, threads: int = 1,
              overrides: list[str] | None = None, test_limit: int | None = None, samples: int | None = None,
              precision: str = "bf16-mixed", gap_sentences: int = 100, gap_steps: int = 50,
-             data_dir: str | None = None, log=print) -> list[dict[str, Any]]:
+             data_dir: str | None = None, log=print, device: str | None = None) -> list[dict[str, Any]]:
     """Run every (config, seed) — ``jobs`` at a time, each in its own process on ``threads``
     threads — then write the report into ``out``; returns the per-run results."""
     if not configs:
@@ -166,7 +170,7 @@ def run_grid(configs: list[str], out: str | Path, seeds: int = 1, jobs: int = 1,
     if missing:
         raise ConfigError(f"grid: config file(s) not found: {', '.join(missing)}")
     todo = [GridJob(str(c), s, str(out), tuple(overrides or ()), test_limit, samples, precision, gap_sentences,
-                    gap_steps, threads, data_dir) for s in range(seeds) for c in configs]  # in the given order: list slow rows first
+                    gap_steps, threads, data_dir, device) for s in range(seeds) for c in configs]  # in the given order: list slow rows first
     results, failed = [], []
 
     def finish(job: GridJob, call) -> None:

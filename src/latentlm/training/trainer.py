@@ -1,9 +1,10 @@
 """The one training loop, shared by every model and objective.
 
 Plain PyTorch with ``torch.distributed`` for data parallelism: launched by ``torchrun``
-(``WORLD_SIZE`` > 1) the system is wrapped in DistributedDataParallel (gloo on CPU,
-nccl on GPU) and each rank takes every ``world``-th batch. Rank 0 alone writes
-checkpoints, metrics and the progress bar.
+(``WORLD_SIZE`` > 1) the system is wrapped in DistributedDataParallel (nccl when the
+tensors are on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU) and each rank takes
+every ``world``-th batch. Rank 0 alone writes checkpoints, metrics and the progress bar.
+``train.device`` (auto | cpu | cuda | cuda:N) says where the system and its batches live.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from latentlm.config import Config
 from latentlm.data.batching import TextDataset
 from latentlm.data.corpus import find_corpus, read_lines, split_path
 from latentlm.data.vocab import Vocab
+from latentlm.device import describe, module_device, resolve_device
 from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
@@ -77,8 +80,10 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     n = tokens = 0
     gaussian = hasattr(system.posterior, "params")
     means, logvars = [], []
+    device = module_device(system)
     for batch in dataset.batches(batch_size):
-        with autocast(precision):
+        batch = batch.to(device)
+        with autocast(precision, device):
             out = system(batch)
             if gaussian:
                 m, lv = system.posterior.params(batch)
@@ -128,8 +133,13 @@ class Trainer:
         cfg = self.config
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        # torchrun sets LOCAL_RANK: with a CUDA device each rank takes its own GPU
+        local_rank = int(os.environ["LOCAL_RANK"]) if self.world > 1 and "LOCAL_RANK" in os.environ else None
+        self.device = resolve_device(cfg.train.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(cfg.seed)
         ckpt_root = self.out / "checkpoints"
         self.ckpt = latest_checkpoint(ckpt_root) if self.resume else None
@@ -140,7 +150,7 @@ class Trainer:
         vocab = Vocab.load(self.out / "vocab.json") if self.resume else None
         self.vocab, data = load_corpus(cfg, vocab, splits=("train", "valid"))
         self.train_set, self.valid_set = data["train"], data["valid"]
-        self.system = build_system(cfg, len(self.vocab))
+        self.system = build_system(cfg, len(self.vocab)).to(self.device)  # before the optimizer sees the parameters
         self.optimizer = make_optimizer(cfg, self.system.parameters())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
@@ -155,8 +165,14 @@ class Trainer:
             if self.state.stopped == "budget":  # a new budget may let it go on
                 self.state.stopped = None
             self.scheduler.load_state_dict(self.state.scheduler)
-        self.ddp = DistributedDataParallel(self.system) if self.world > 1 else None
+        self.ddp = None
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.system, device_ids=ids, output_device=ids[0] if ids else None)
         if self.is_main:
+            if self.progress is not False:
+                tqdm.write(f"device: {describe(self.device)}" + (f" x {self.world} ranks" if self.world > 1 else ""),
+                           file=sys.stderr)
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", cfg.to_json())
             self.vocab.save(self.out / "vocab.json")
@@ -229,14 +245,15 @@ class Trainer:
                        disable=not self.is_main or self.progress is False, dynamic_ncols=True, leave=False)
             window_tokens, window_start = 0, time.monotonic()
             while st.batch_in_epoch < len(batches):
-                batch = self.train_set.make_batch(batches[st.batch_in_epoch])
+                batch = self.train_set.make_batch(batches[st.batch_in_epoch]).to(self.device)
                 if self.aggressive is not None and self.aggressive.active:
                     rng = random.Random(cfg.seed * 7919 + st.step)  # encoder batches: a function of the step
-                    with autocast(t.precision):
+                    with autocast(t.precision, self.device):
                         self.aggressive.train_encoder(
-                            forward, batch, lambda: self.train_set.make_batch(batches[rng.randrange(len(batches))]),
+                            forward, batch,
+                            lambda: self.train_set.make_batch(batches[rng.randrange(len(batches))]).to(self.device),
                             st.step)
-                with autocast(t.precision):
+                with autocast(t.precision, self.device):
                     out = forward(batch, st.step)
                 loss = out.loss
                 self.optimizer.zero_grad(set_to_none=True)
@@ -337,7 +354,8 @@ class Trainer:
         self._checkpoint()
         if self.world > 1:
             self._check_replicas_agree()
-        return {"step": st.step, "epoch": st.epoch, "best_valid_nll": st.best_valid, "stopped": st.stopped or "epochs"}
+        return {"step": st.step, "epoch": st.epoch, "best_valid_nll": st.best_valid, "stopped": st.stopped or "epochs",
+                "device": str(self.device)}
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
