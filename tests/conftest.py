@@ -12,7 +12,11 @@ torch.set_num_threads(int(os.environ.get("LATENTLM_TEST_THREADS", "1")))
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     """A small corpus folder written by the test itself (plain {split}.txt names)."""
-    folder = tmp_path / "tiny"
+    return write_tiny_corpus(tmp_path / "tiny")
+
+
+def write_tiny_corpus(folder: Path) -> Path:
+    """``tiny_corpus``'s files (120 / 30 / 30 sentences) in ``folder``, for module-scoped fixtures."""
     folder.mkdir()
     words = "the cat dog sat on mat a ran fast slow big small".split()
     g = torch.Generator().manual_seed(0)

@@ -1,9 +1,12 @@
 """Multi-process data-parallel training with torch.distributed (DDP over gloo on CPU)."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
+
+from safetensors.torch import load_file
 
 from conftest import REPO
 
@@ -23,3 +26,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # each rank takes half of the 19 batches per epoch: 9 steps per epoch
     assert max(int(r["step"]) for r in rows) == 27
     assert (out / "model.safetensors").is_file()
+    # the checkpoint holds every rank's CPU generator (gathered with all_gather, no pickles)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    rng = load_file(str(out / "checkpoints" / latest["folder"] / "rng.safetensors"))
+    assert {k for k in rng if k.startswith("rng.cpu.")} == {"rng.cpu.0", "rng.cpu.1"}

@@ -66,8 +66,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 20
     _cli_train(tmp_path / "killed", "--resume")
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-38" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step-38" / "model.safetensors"))
+    final = [json.loads((tmp_path / run / "checkpoints" / "latest.json").read_text()) for run in ("straight", "killed")]
+    assert final[0]["step"] == final[1]["step"] == 38
+    a, b = (load_file(str(tmp_path / run / "checkpoints" / f["folder"] / "model.safetensors"))
+            for run, f in zip(("straight", "killed"), final))
     for key in a:
         assert torch.equal(a[key], b[key]), key
     with open(tmp_path / "killed" / "metrics.csv") as fh:

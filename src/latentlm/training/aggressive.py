@@ -12,7 +12,8 @@ Self-contained: the trainer owns one :class:`AggressiveEncoderTraining` and call
 * :meth:`before_optimizer_step` between ``backward`` and ``optimizer.step()`` (drops the
   encoder's gradients so the shared optimizer updates the decoder only),
 * :meth:`end_epoch` after each epoch (decides whether the aggressive phase goes on),
-* :meth:`state_dict` / :meth:`load_state_dict` for checkpoints.
+* :meth:`state_dict` / :meth:`load_state_dict` for checkpoints (and checkpoints
+  ``encoder_optimizer`` with its own optimizer).
 
 The stopping rule of the inner loop is the paper's: the per-token training loss summed
 over windows of ``check_every`` encoder steps; stop when a window's loss is no lower than
@@ -142,7 +143,8 @@ class AggressiveEncoderTraining:
         return self.active
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able phase state (the encoder optimizer restarts on resume: the inner loop re-warms it)."""
+        """JSON-able phase state. The encoder optimizer's tensors are not here: the trainer
+        checkpoints ``encoder_optimizer`` beside its own optimizer, so a resume is exact."""
         return {"active": self.active, "epochs_done": self.epochs_done, "best_mi": self.best_mi}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

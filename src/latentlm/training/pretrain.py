@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from latentlm.config import Config, load_config
 from latentlm.errors import CheckpointError, ConfigError
+from latentlm.training.checkpoint import atomic_write_text
 from latentlm.training.trainer import Trainer
 
 ENCODER_PREFIX = "posterior."
@@ -80,7 +81,7 @@ def pretrain_then_train(config: Config, out_dir: str | Path, pretrain_epochs: in
     if not done.exists():
         resume1 = (stage1 / "checkpoints" / "latest.json").exists()
         Trainer(autoencoder_config(config, pretrain_epochs), stage1, resume=resume1, progress=progress).fit()
-        done.write_text("stage 1 finished\n")
+        atomic_write_text(done, "stage 1 finished\n")
     resume2 = resume or (out / "checkpoints" / "latest.json").exists()
     return EncoderInitializedTrainer(config, out, stage1 / "model.safetensors", resume=resume2,
                                      progress=progress).fit()

@@ -39,8 +39,8 @@ from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
 from latentlm.precision import autocast
 from latentlm.system import System, build_system
 from latentlm.training.aggressive import AggressiveEncoderTraining
-from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
-                                          save_checkpoint, save_weights)
+from latentlm.training.checkpoint import (atomic_write_text, gather_rng_states, latest_checkpoint,
+                                          load_checkpoint, save_checkpoint, save_weights)
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s"]
@@ -114,6 +114,9 @@ class TrainState:
     bad_epochs: int = 0
     stopped: str | None = None
     scheduler: dict[str, Any] = field(default_factory=dict)
+    validated_at: int | None = None    # step of the last validation, and its MI (the aggressive
+    valid_mi: float | None = None      # phase reuses it): in the state so a resume decides alike
+    metrics_rows: int | None = None    # rows in metrics.csv when the checkpoint was taken
 
 
 class Trainer:
@@ -125,8 +128,7 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
-        self._validated_at: int | None = None
-        self._last_valid: dict[str, float] = {}
+        self._metrics_rows = 0
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -158,7 +160,7 @@ class Trainer:
         self.aggressive = AggressiveEncoderTraining.from_config(cfg.train.aggressive, self.system, lr=cfg.train.lr,
                                                                 clip=cfg.train.clip)
         if self.ckpt is not None:
-            saved = load_checkpoint(self.ckpt, self.system, self.optimizer)
+            saved = load_checkpoint(self.ckpt, self.system, self._optimizers(), rank=self.rank)
             self.state = TrainState(**saved["train_state"])
             if self.aggressive is not None and "aggressive" in saved:
                 self.aggressive.load_state_dict(saved["aggressive"])
@@ -183,7 +185,12 @@ class Trainer:
         rows = []
         if self.resume and path.is_file():  # drop rows past the checkpoint we resume from
             with path.open() as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.state.step]
+                rows = list(csv.DictReader(fh))
+            if self.state.metrics_rows is not None:
+                rows = rows[: self.state.metrics_rows]
+            else:  # a checkpoint from before the row count
+                rows = [r for r in rows if int(r["step"]) <= self.state.step]
+        self._metrics_rows = len(rows)
         # Rewrite the kept history atomically (a kill right after a resume must not lose it),
         # then append.
         kept = io.StringIO(newline="")
@@ -200,6 +207,7 @@ class Trainer:
             self._tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def _log(self, row: dict[str, Any]) -> None:
+        self._metrics_rows += 1
         if not self.is_main:
             return
         self._metrics.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
@@ -209,15 +217,23 @@ class Trainer:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self._tb.add_scalar(f"{row['split']}/{k}", v, row["step"])
 
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        named = {"optimizer": self.optimizer}
+        if self.aggressive is not None:
+            named["aggressive.encoder_optimizer"] = self.aggressive.encoder_optimizer
+        return named
+
     def _checkpoint(self) -> None:
+        rng = gather_rng_states()  # a collective: every rank takes part
         if not self.is_main:
             return
         self.state.scheduler = self.scheduler.state_dict()
+        self.state.metrics_rows = self._metrics_rows
         extra = {"train_state": self.state.__dict__}
         if self.aggressive is not None:
             extra["aggressive"] = self.aggressive.state_dict()
-        save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self.optimizer, extra,
-                        keep=self.config.train.keep_checkpoints)
+        save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self._optimizers(), extra,
+                        keep=self.config.train.keep_checkpoints, rng=rng)
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -237,6 +253,8 @@ class Trainer:
         start_time = time.monotonic()
         deadline = start_time + 60 * t.max_minutes if t.max_minutes else math.inf
         kill_at = int(os.environ.get("LATENTLM_KILL_AT_STEP", "0"))  # fault injection for tests
+        if t.max_steps and st.step >= t.max_steps:  # resumed from a checkpoint taken at the budget
+            st.stopped = "budget"
         while st.stopped is None and st.epoch < t.epochs:
             batches = self.train_set.batch_indices(t.batch_size, shuffle=True, seed=cfg.seed, epoch=st.epoch)
             per_rank = len(batches) // self.world
@@ -287,15 +305,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row.get('kl', 0):.2f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}")
                     window_tokens, window_start = 0, time.monotonic()
-                if st.step % t.checkpoint_every == 0:
-                    self._checkpoint()
-                if kill_at and st.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if t.eval_every and st.step % t.eval_every == 0:
-                    self._validate_and_schedule(per_epoch=False)
                 if self.aggressive is not None and self.aggressive.active and not self.aggressive.continue_at(st.step):
                     if self.is_main:
                         tqdm.write(f"step {st.step}: aggressive encoder phase over (step limit); normal training")
+                # A checkpoint holds everything this step changed: taken after the phase switch
+                # above, and after a validation that falls on this step (which checkpoints itself).
+                if t.eval_every and st.step % t.eval_every == 0:
+                    self._validate_and_schedule(per_epoch=False)
+                elif st.step % t.checkpoint_every == 0:
+                    self._checkpoint()
+                if kill_at and st.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if (t.max_steps and st.step >= t.max_steps) or time.monotonic() > deadline:
                     st.stopped = "budget"
                     break
@@ -304,20 +324,22 @@ class Trainer:
                 st.epoch += 1
                 st.batch_in_epoch = 0
                 if not t.eval_every:
-                    self._validate_and_schedule(per_epoch=True)
+                    self._validate_and_schedule(per_epoch=True, checkpoint=False)
                 if self.aggressive is not None and self.aggressive.active:
                     # the validation just run already measured I_q(x; z): do not redo it
-                    mi = self._last_valid.get("mi") if self._validated_at == st.step else None
+                    mi = st.valid_mi if st.validated_at == st.step else None
                     still = self.aggressive.end_epoch(self.valid_set, cfg.eval.batch_size, mi=mi)
                     if self.is_main and not still:
                         tqdm.write(f"step {st.step}: aggressive encoder phase over; normal training from here")
+                if not t.eval_every:  # after the phase decision, so the checkpoint holds it
+                    self._checkpoint()
         final = self._finish()
         return final
 
-    def _validate_and_schedule(self, per_epoch: bool) -> None:
+    def _validate_and_schedule(self, per_epoch: bool, checkpoint: bool = True) -> None:
         t, st = self.config.train, self.state
         metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
-        self._validated_at, self._last_valid = st.step, metrics
+        st.validated_at, st.valid_mi = st.step, metrics.get("mi")
         self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
                    "lr": self.optimizer.param_groups[0]["lr"]})
         if metrics["nll"] < st.best_valid - 1e-4:
@@ -334,7 +356,8 @@ class Trainer:
         if self.is_main and (per_epoch or st.stopped):
             tqdm.write(f"step {st.step}: valid nll {metrics['nll']:.3f} kl {metrics['kl']:.3f} "
                        f"ppl<= {metrics['ppl_bound']:.2f}" + (f" ({st.stopped})" if st.stopped else ""))
-        self._checkpoint()
+        if checkpoint:
+            self._checkpoint()
 
     def _check_replicas_agree(self) -> None:
         """DDP keeps replicas identical; a cheap fingerprint all-reduce proves it did."""
@@ -348,9 +371,9 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         st = self.state
-        if st.best_valid == math.inf or (st.stopped == "budget" and self._validated_at != st.step):
+        if st.best_valid == math.inf or (st.stopped == "budget" and st.validated_at != st.step):
             # The budget ran out between validations: validate once more so the best model is on disk.
-            self._validate_and_schedule(per_epoch=False)
+            self._validate_and_schedule(per_epoch=False, checkpoint=False)  # the checkpoint follows
         self._checkpoint()
         if self.world > 1:
             self._check_replicas_agree()
