@@ -155,7 +155,7 @@ def _cmd_cluster(args) -> int:
     from latentlm.inference.em import EMConfig, fit_em
     from latentlm.models.nb_mixture import NaiveBayesMixture
     from latentlm.system import System, build_system, load_pretrained
-    from latentlm.training.checkpoint import atomic_write_text, save_weights
+    from latentlm.io import atomic_write_text, save_weights
     from latentlm.inference.exact import ExactMarginal
 
     out = Path(args.dir)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from latentlm.io import atomic_write_text
 from latentlm.errors import CheckpointError
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -65,8 +66,6 @@ class Vocab:
         return out
 
     def save(self, path: str | Path) -> None:
-        from latentlm.training.checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps({"tokens": self.itos}, ensure_ascii=False))
 
     @classmethod

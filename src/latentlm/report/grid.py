@@ -64,7 +64,7 @@ def run_job(job: GridJob) -> dict[str, Any]:
 
     from latentlm.config import load_config
     from latentlm.training import train
-    from latentlm.training.checkpoint import atomic_write_text
+    from latentlm.io import atomic_write_text
 
     torch.set_num_threads(job.threads)
     directory = run_directory(job.out, job.config, job.seed)
@@ -257,7 +257,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(out: str | Path, configs: list[str]) -> str:
     """``grid.md``, ``grid.json`` and the two plots into ``out``; returns the table."""
-    from latentlm.training.checkpoint import atomic_write_text
+    from latentlm.io import atomic_write_text
 
     out = Path(out)
     rows = collect(out, configs)
@@ -283,7 +283,7 @@ def write_report(out: str | Path, configs: list[str]) -> str:
 def update_results_file(path: str | Path, name: str, text: str) -> None:
     """Replace the text between ``<!-- grid:NAME:start -->`` and ``<!-- grid:NAME:end -->``
     in ``path`` (appending the marked block if absent)."""
-    from latentlm.training.checkpoint import atomic_write_text
+    from latentlm.io import atomic_write_text
 
     path = Path(path)
     start, end = GRID_START.format(name=name), GRID_END.format(name=name)

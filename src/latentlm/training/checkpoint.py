@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import warnings
@@ -33,67 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from safetensors.torch import save as save_tensors
 
 from latentlm.errors import CheckpointError
+from latentlm.io import (_fsync_dir, _tensor_bytes, _write_synced, atomic_save_tensors,  # noqa: F401
+                         atomic_write_text, save_weights)
 
 _FOLDER = re.compile(r"^step-(\d+)(?:\.(\d+))?$")  # step-N.K; legacy step-N sorts before all
-
-
-# -- atomic files -----------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """A new file with mode 0666 & ~umask (as ``open`` gives; ``mkstemp`` and safetensors'
-    ``save_file`` give 0600, unreadable to colleagues on a shared machine), fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-
-
-def _atomic_replace(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_replace(Path(path), text.encode("utf-8"))
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    _atomic_replace(Path(path), _tensor_bytes(tensors, metadata))
-
-
-def save_weights(module: torch.nn.Module, path: Path) -> None:
-    atomic_save_tensors(path, module.state_dict(), metadata={"format": "pt"})
 
 
 # -- optimizers -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from latentlm.config import Config, load_config
 from latentlm.errors import CheckpointError, ConfigError
-from latentlm.training.checkpoint import atomic_write_text
+from latentlm.io import atomic_write_text
 from latentlm.training.trainer import Trainer
 
 ENCODER_PREFIX = "posterior."
