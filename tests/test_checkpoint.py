@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentlm.training.checkpoint import (atomic_write_text, gather_rng_states, latest_checkpoint, load_checkpoint,
+from latentlm.io import atomic_write_text
+from latentlm.training.checkpoint import (gather_rng_states, latest_checkpoint, load_checkpoint,
                                           save_checkpoint)
 
 from conftest import REPO, write_tiny_corpus

@@ -1,9 +1,12 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from latentlm.evaluation import active_units, mutual_information
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_active_units_counts_dimensions_with_varying_means():
@@ -72,3 +75,62 @@ def test_importance_sampling_reads_document_batches_without_a_chunk():
         assert log_px.shape == (5,) and torch.isfinite(log_px).all()
         chunked = importance_sampled_log_marginal(model, posterior, batch, 9, chunk=2, noise=noise)
         torch.testing.assert_close(log_px, chunked)
+
+
+# -- one definition of KL / MI / AU (issue 11, item 2) -------------------------------------------
+
+def test_mutual_information_matches_the_closed_form_of_a_gaussian_channel():
+    """x ~ N(0, s^2 I), q(z | x) = N(x, sigma^2 I): I(x; z) = D/2 log(1 + s^2 / sigma^2)."""
+    from torch.distributions import Independent, Normal
+
+    from latentlm.evaluation.latent import LatentStatistics
+
+    g = torch.Generator().manual_seed(0)
+    N, D, s, sigma = 3000, 2, 1.5, 1.0
+    x = torch.randn(N, D, generator=g) * s
+    exact = D / 2 * math.log(1 + s**2 / sigma**2)  # 1.179 nats
+    logvars = torch.full((N, D), 2 * math.log(sigma))
+    mi = mutual_information(x, logvars, generator=torch.Generator().manual_seed(1), samples=4)
+    assert mi == pytest.approx(exact, abs=0.05)
+    prior = Independent(Normal(torch.zeros(D), torch.ones(D)), 1)
+    stats = LatentStatistics(prior)
+    for chunk in x.split(100):  # batch by batch, as every entry point feeds it
+        stats.add(Independent(Normal(chunk, torch.full_like(chunk, sigma)), 1))
+    assert stats.result(seed=1)["mi"] == pytest.approx(exact, abs=0.05)
+    assert stats.result(seed=1)["au"] == D
+
+
+def test_mutual_information_of_categorical_posteriors_is_exact():
+    from torch.distributions import Categorical
+
+    from latentlm.evaluation.latent import LatentStatistics
+
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9]])  # x uniform over two examples
+    stats = LatentStatistics(Categorical(logits=torch.zeros(2)))
+    stats.add(Categorical(probs=probs))
+    h = lambda p: -sum(v * math.log(v) for v in p)  # noqa: E731
+    assert stats.result()["mi"] == pytest.approx(h([0.5, 0.5]) - h([0.9, 0.1]), abs=1e-6)
+
+
+def test_evaluate_and_grid_report_the_same_kl_mi_and_au_for_the_same_run(tmp_path, tiny_corpus, capsys):
+    """`latentlm grid` and `latentlm evaluate RUN` give one number: before, the grid recomputed
+    MI from the encoder over another set of sentences with another number of draws."""
+    import json
+
+    from latentlm.cli.main import main
+    from latentlm.report.grid import GridJob, run_directory, run_job
+
+    config = str(REPO / "configs" / "tiny_vae.yaml")
+    job = GridJob(config, seed=0, out=str(tmp_path / "grid"),
+                  overrides=("train.max_steps=8", "train.eval_every=4", "train.epochs=1"),
+                  test_limit=20, samples=3, precision="fp32", gap_sentences=0, gap_steps=0, threads=1,
+                  data_dir=str(tiny_corpus))
+    grid = run_job(job)
+    assert grid["mi"] is not None and grid["au"] is not None
+    capsys.readouterr()
+    rc = main(["evaluate", str(run_directory(job.out, config, 0)), "--data-dir", str(tiny_corpus), "--limit", "20",
+               "--samples", "3", "--precision", "fp32", "--json"])
+    assert rc == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("kl", "mi", "au", "nll", "elbo"):
+        assert cli[key] == pytest.approx(grid[key], rel=1e-6, abs=1e-9), key

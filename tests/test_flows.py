@@ -104,3 +104,45 @@ def test_flow_posterior_trains_with_elbo_and_iwae(flow):
         posterior.zero_grad()
     out = ELBO(samples=1)(model, posterior, batch)  # no closed-form KL: Monte Carlo, same samples
     torch.testing.assert_close(out.bound, out.reconstruction - out.kl)
+
+
+def _flow_pair():
+    torch.manual_seed(0)
+    sents = [["a", "b", "c"], ["b", "b"], ["c", "a", "a", "b"], ["a"]]
+    vocab = Vocab.build(sents)
+    batch = TextDataset(sents, vocab).make_batch(range(len(sents)))
+    model = SentenceVAE(len(vocab), embed_dim=8, hidden_dim=8, latent_dim=3)
+    posterior = POSTERIORS["flow_lstm"](len(vocab), 3, flow="planar", layers=2, embed_dim=8, hidden_dim=8,
+                                        context_dim=4)
+    return model, posterior, batch
+
+
+def test_sa_vae_and_per_dimension_free_bits_refuse_a_flow_posterior():
+    """SA-VAE would refine only the base Gaussian, and a per-dimension floor on a flow's KL
+    (which has no per-dimension split) would silently become a total one: both are refused."""
+    from latentlm.config import config_from_dict
+    from latentlm.errors import ConfigError
+    from latentlm.inference import SemiAmortizedELBO
+    from latentlm.inference.base import GaussianPosterior
+    from latentlm.system import build_system
+
+    model, posterior, batch = _flow_pair()
+    assert not isinstance(posterior, GaussianPosterior)
+    with pytest.raises(ConfigError, match="refining the base alone"):
+        SemiAmortizedELBO(refine_steps=2)(model, posterior, batch)
+    with pytest.raises(ConfigError, match="free bits per dimension"):
+        ELBO(free_bits=0.5)(model, posterior, batch)
+    base = {"data": {"name": "x"}, "model": {"type": "sentence_vae", "embed_dim": 8, "hidden_dim": 8, "latent_dim": 3},
+            "posterior": {"type": "flow_lstm", "embed_dim": 8, "hidden_dim": 8}}
+    for objective, match in (({"type": "sa_elbo"}, "sa_elbo"), ({"type": "elbo", "free_bits": 0.5}, "free bits")):
+        with pytest.raises(ConfigError, match=match):  # at build time, before any training
+            build_system(config_from_dict({**base, "objective": objective}), 10)
+
+
+def test_a_total_free_bits_floor_on_a_flow_is_a_floor_on_the_total_kl():
+    model, posterior, batch = _flow_pair()
+    out = ELBO(free_bits=1e3, free_bits_per_dimension=False)(model, posterior, batch)  # far below the floor
+    torch.testing.assert_close(out.loss, -out.reconstruction.mean() + 1e3)
+    out.loss.backward()  # the KL term is constant there: only the reconstruction's gradient
+    low = ELBO(free_bits=1e-6, free_bits_per_dimension=False)(model, posterior, batch)  # above the floor
+    torch.testing.assert_close(low.loss, -low.bound.mean())

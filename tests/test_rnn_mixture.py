@@ -8,6 +8,7 @@ import torch
 from latentlm.data import TextDataset, Vocab
 from latentlm.inference import ELBO, VIMCO
 from latentlm.models import MixtureOfRNNLMs
+from latentlm.models.base import FiniteLatentModel
 
 SENTS = [["a", "b", "c"], ["b", "b"], ["c", "a", "a", "b"], ["a"], ["c", "c", "b"]]
 
@@ -55,13 +56,12 @@ def test_separate_components_match_an_lstm_run_one_at_a_time():
     assert float(all_ll[k, b]) == pytest.approx(total, rel=1e-5)
 
 
-class TableModel:
+class TableModel(FiniteLatentModel):
     """A discrete-latent model whose log p(x_b | z = k) is a fixed table (K, B): cheap enough
     to average an estimator over thousands of draws. A relaxed z mixes the rows."""
 
-    latent = "discrete"
-
     def __init__(self, table, prior_logits):
+        super().__init__()
         self.table, self.prior_logits = table, prior_logits
 
     def prior(self):

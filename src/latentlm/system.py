@@ -60,6 +60,7 @@ def build_system(config: Config, vocab_size: int) -> System:
                 f"{config.model['type']!r} has no latent variable")
         posterior = _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size,
                                latent_dim=getattr(model, "latent_dim", None))
+    objective.check(model, posterior)  # a pairing the objective cannot learn correctly fails here
     return System(model, posterior, objective)
 
 

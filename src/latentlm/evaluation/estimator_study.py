@@ -38,6 +38,7 @@ from latentlm.inference import OBJECTIVES
 from latentlm.inference.base import Objective
 from latentlm.inference.elbo import ELBO
 from latentlm.inference.estimators import Enumeration
+from latentlm.models.base import FiniteLatentModel
 
 #: Every estimator of issue 4. A spec is an ``objective`` config section; ``warmup`` (not an
 #: objective argument) is how many steps train the estimator's own state on the batch before
@@ -157,7 +158,7 @@ def estimator_study(system, batch: Batch, estimators: dict[str, Any] | None = No
     and q are put in eval mode (no dropout), so the exact gradient is one fixed vector.
     """
     model, posterior = system.model, system.posterior
-    if posterior is None or not hasattr(model, "log_likelihood_all"):
+    if posterior is None or not isinstance(model, FiniteLatentModel):
         raise ValueError(f"the estimator study needs a posterior and a model with log_likelihood_all "
                          f"(a small categorical z), got {type(model).__name__}")
     if vocab_size is None:  # only a learned baseline needs it (its bag-of-words embedding)

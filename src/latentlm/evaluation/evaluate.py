@@ -6,41 +6,37 @@ import math
 from typing import Any
 
 import torch
-from torch.distributions import Categorical, Normal, kl_divergence
+from torch.distributions import Categorical
 
 from latentlm.data.batching import TextDataset
-from latentlm.device import device_generator, module_device
-from latentlm.evaluation.latent import active_units, mutual_information
+from latentlm.device import module_device
+from latentlm.evaluation.latent import LatentStatistics
 from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perplexity
-from latentlm.inference.kl import kl_divergence_mc
+from latentlm.models.base import FiniteLatentModel
 from latentlm.precision import autocast
 
 
-def _evaluate_batch(model, posterior, refine, batch, samples, totals, means, logvars, usage) -> None:
-    """Add one batch's NLL, ELBO and KL sums to ``totals``; collect its Gaussian q's parameters
-    (or, for a mixture with an amortized q, which component each example uses)."""
-    if model.has_exact_marginal and hasattr(model, "log_likelihood_all"):
-        _evaluate_mixture_batch(model, posterior, batch, totals, usage)
+def _evaluate_batch(model, posterior, objective, batch, samples, totals, stats, usage) -> None:
+    """Add one batch's NLL, ELBO and KL sums to ``totals`` and its q(z | x) to ``stats``
+    (for a mixture with an amortized q, also which component each example uses)."""
+    if model.has_exact_marginal and isinstance(model, FiniteLatentModel):
+        _evaluate_mixture_batch(model, posterior, objective, batch, totals, stats, usage)
         return
     if model.has_exact_marginal:
         log_px = float(model.log_marginal(batch).float().sum())
         totals["nll"] -= log_px
         totals["elbo"] += log_px
         return
-    q = refine(model, posterior, batch) if refine is not None else posterior(batch)
+    q = objective.evaluation_posterior(model, posterior, batch)
     log_px = importance_sampled_log_marginal(model, posterior, batch, samples, q=q)
     z = q.sample((1,))
-    kl = kl_divergence_mc(q, model.prior(), z).float()
-    params = gaussian_parameters(q)
-    if params is not None:
-        means.append(params[0].float())
-        logvars.append(params[1].float())
+    kl = stats.add(q)
     totals["nll"] -= float(log_px.sum())
-    totals["elbo"] += float((model.log_likelihood(batch, z)[0] - kl).sum())
+    totals["elbo"] += float((model.log_likelihood(batch, z)[0].float() - kl).sum())
     totals["kl"] += float(kl.sum())
 
 
-def _evaluate_mixture_batch(model, posterior, batch, totals, usage) -> None:
+def _evaluate_mixture_batch(model, posterior, objective, batch, totals, stats, usage) -> None:
     """A finite mixture with q(z | x): exact log p(x) by enumeration, and the ELBO of q with the
     expectation over z also enumerated (no sampling noise); KL(q || p) in closed form."""
     prior = model.prior()
@@ -52,21 +48,13 @@ def _evaluate_mixture_batch(model, posterior, batch, totals, usage) -> None:
     if posterior is None:  # trained on the exact marginal: the bound is log p(x) itself
         totals["elbo"] += float(log_px.sum())
         return
-    q = posterior(batch)
-    probs = q.probs.float()  # (B, K)
-    kl = kl_divergence(Categorical(logits=q.logits.float()), Categorical(logits=prior.logits.float()))  # (B,)
+    q = objective.evaluation_posterior(model, posterior, batch)
+    q = Categorical(logits=q.logits.float())
+    probs = q.probs  # (B, K)
+    kl = stats.add(q)
     totals["elbo"] += float(((probs.T * ll_all).sum(0) - kl).sum())
     totals["kl"] += float(kl.sum())
     usage["q"].append(probs.argmax(-1))
-
-
-def gaussian_parameters(q) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, logvar) of a diagonal-Gaussian q, or of a flow's Gaussian base; else None."""
-    base = getattr(q, "base", q)  # a flow keeps its Gaussian base distribution as .base
-    normal = getattr(base, "base_dist", None)
-    if isinstance(normal, Normal):
-        return normal.loc, 2 * normal.scale.log()
-    return None
 
 
 @torch.no_grad()
@@ -76,10 +64,12 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
 
     ``nll`` is exact when the model has a tractable marginal, else the importance-sampled
     estimate with ``samples`` draws from q; ``elbo`` is the single-sample ELBO with
-    closed-form KL where one exists. MI and AU use the posterior of every example in the
-    split. Objectives that evaluate with another q than the encoder's (SA-VAE's refined q,
-    SVI's per-example q) say so through ``evaluation_posterior``, and that q is used.
-    For flows, MI and AU are computed from the flow's Gaussian base (an approximation).
+    closed-form KL where one exists. KL, MI and AU are those of
+    :class:`~latentlm.evaluation.latent.LatentStatistics` over every example of the split (the
+    same definition as validation, the grid and the aggressive phase); ``mi`` / ``au`` are
+    None where undefined (no q, a structured q), and ``latent_of`` names what they describe
+    (for flows: the Gaussian base, an approximation). The q is the objective's
+    ``evaluation_posterior`` (the encoder's, or SA-VAE's / SVI's refined q).
     For a finite mixture with an amortized categorical q (M2), ``nll`` is exact, ``elbo`` and
     ``kl`` enumerate q exactly, and ``components_used`` / ``q_components_used`` count the
     components that are some example's MAP under p(z | x) / under q.
@@ -91,26 +81,24 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     from tqdm.auto import tqdm
 
     system.eval()
-    model, posterior = system.model, system.posterior
-    refine = getattr(system.objective, "evaluation_posterior", None)
+    model, posterior, objective = system.model, system.posterior, system.objective
     device = module_device(system)
     torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
-    gen = device_generator(seed, device)
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
-    means, logvars = [], []
+    stats = LatentStatistics(model.prior()) if posterior is not None else None
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
     autocast(precision, device)  # an unknown precision fails here, before any work
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
         with autocast(precision, device):
-            _evaluate_batch(model, posterior, refine, dataset.make_batch(idx).to(device), samples, totals, means,
-                            logvars, usage)
+            _evaluate_batch(model, posterior, objective, dataset.make_batch(idx).to(device), samples, totals, stats,
+                            usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]
     result = {"examples": n, "tokens": tokens, "nll": nll / n, "ppl": perplexity(nll, tokens),
-              "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": 0.0, "au": 0, "samples": samples}
-    if means:
-        means_t, logvars_t = torch.cat(means).float(), torch.cat(logvars).float()
-        result["mi"] = mutual_information(means_t, logvars_t, generator=gen)
-        result["au"] = active_units(means_t)
+              "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": None, "au": None, "latent_of": None,
+              "samples": samples}
+    if stats is not None and stats.examples:
+        latent = stats.result(seed)
+        result.update(mi=latent["mi"], au=latent["au"], latent_of=latent["latent_of"])
     if usage["exact"]:
         # components that are the MAP of some example, under the exact posterior and under q
         result["components_used"] = int(torch.cat(usage["exact"]).unique().numel())

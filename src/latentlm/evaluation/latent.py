@@ -1,16 +1,24 @@
 """E2: how much the latent code is used — KL, mutual information, active units.
 
 All three are computed over a whole dataset, so the numbers do not depend on the
-evaluation batch size (the research code's MI estimate did).
+evaluation batch size (the research code's MI estimate did). :class:`LatentStatistics`
+is the one definition: ``evaluate``, the trainer's ``validate``, ``latentlm grid`` and the
+aggressive phase's MI check all feed it the q(z | x) of every example and read its result.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
 
 from latentlm.device import module_device
+from latentlm.inference.flows import FlowDistribution
+
+#: z draws per example for the Gaussian MI estimate, everywhere.
+MI_SAMPLES = 4
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -52,9 +60,112 @@ def mutual_information(
 
 
 @torch.no_grad()
-def posterior_parameters(posterior, dataset, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means, logvars), each (N, D) in fp32, of a Gaussian encoder (``posterior.params``) over
-    every example of ``dataset``, in the dataset's order of batches (on the posterior's device)."""
-    device = module_device(posterior)
-    params = [posterior.params(batch.to(device)) for batch in dataset.batches(batch_size)]
-    return torch.cat([m.float() for m, _ in params]), torch.cat([lv.float() for _, lv in params])
+def categorical_mutual_information(probs: torch.Tensor) -> float:
+    """Exact I_q(x; z) for categorical q's (N, K): H((1/N) sum_n q_n) - (1/N) sum_n H(q_n)."""
+    probs = probs.double()
+    def entropy(p):
+        return -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return float(entropy(probs.mean(0)) - entropy(probs).mean())
+
+
+def _gaussian(q: Distribution) -> Normal | None:
+    """The diagonal Normal of q = Independent(Normal(., .), 1); None for any other q."""
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal) and q.reinterpreted_batch_ndims == 1:
+        return q.base_dist
+    return None
+
+
+class LatentStatistics:
+    """KL(q || p), I_q(x; z) and active units over a split, from q(z | x) batch by batch.
+
+    ``add(q)`` takes one batch's posterior and returns its per-example KL (B,): closed form
+    when torch knows it, else -H(q) - E_q log p(z) when q has an exact entropy, else a
+    Monte Carlo estimate with ``kl_samples`` draws. ``result(seed)`` returns ``kl`` (mean per
+    example), ``mi``, ``au`` and ``examples``:
+
+    * diagonal Gaussian q: MI by :func:`mutual_information` (``MI_SAMPLES`` draws per example,
+      aggregate posterior over the whole split), AU by :func:`active_units` of the means;
+    * flow q: the same, of its Gaussian *base* (the flow's own aggregate density has no
+      cheap form) — ``latent_of`` says ``"flow base"``;
+    * categorical q: MI exact (:func:`categorical_mutual_information`), AU undefined (None);
+    * any other q (a chain CRF): MI and AU None.
+    """
+
+    def __init__(self, prior: Distribution, kl_samples: int = 1, mi_samples: int = MI_SAMPLES):
+        self.prior, self.kl_samples, self.mi_samples = prior, kl_samples, mi_samples
+        self.kl_total, self.examples = 0.0, 0
+        self.means: list[torch.Tensor] = []
+        self.logvars: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.kinds: set[str] = set()
+
+    @torch.no_grad()
+    def add(self, q: Distribution) -> torch.Tensor:
+        kl = self._kl(q).float()
+        self.kl_total += float(kl.sum())
+        self.examples += kl.numel()
+        normal = _gaussian(q.base if isinstance(q, FlowDistribution) else q)
+        if normal is not None:
+            self.kinds.add("flow base" if isinstance(q, FlowDistribution) else "gaussian")
+            self.means.append(normal.loc.float())
+            self.logvars.append(2 * normal.scale.float().log())
+        elif isinstance(q, Categorical):
+            self.kinds.add("categorical")
+            self.probs.append(q.probs.float())
+        else:
+            self.kinds.add("other")
+        return kl
+
+    def _kl(self, q: Distribution) -> torch.Tensor:
+        try:
+            return kl_divergence(q, self.prior)
+        except NotImplementedError:
+            pass
+        z = q.sample((self.kl_samples,))
+        try:
+            neg_entropy = -q.entropy()
+        except NotImplementedError:
+            neg_entropy = q.log_prob(z).mean(0)
+        return neg_entropy - self.prior.log_prob(z).mean(0)
+
+    def result(self, seed: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {"kl": self.kl_total / max(1, self.examples), "mi": None, "au": None,
+                               "examples": self.examples, "latent_of": None}
+        if len(self.kinds) != 1:
+            return out
+        (kind,) = self.kinds
+        out["latent_of"] = kind
+        if self.means:
+            means, logvars = torch.cat(self.means), torch.cat(self.logvars)
+            out["mi"] = mutual_information(means, logvars, generator=torch.Generator().manual_seed(seed),
+                                           samples=self.mi_samples)
+            out["au"] = active_units(means)
+        elif self.probs:
+            out["mi"] = categorical_mutual_information(torch.cat(self.probs))
+        return out
+
+    def posterior_means(self) -> torch.Tensor | None:
+        """E_q[z | x] (N, D) of a Gaussian q (the base's for a flow), in the order added."""
+        return torch.cat(self.means) if self.means else None
+
+
+@torch.no_grad()
+def latent_statistics(system, dataset, batch_size: int = 50, seed: int = 0
+                      ) -> tuple[dict[str, Any], LatentStatistics | None]:
+    """:class:`LatentStatistics` of the q the system evaluates with
+    (``objective.evaluation_posterior``: the encoder's q, or SA-VAE's / SVI's refined one) over
+    every example of ``dataset``; global RNG seeded with ``seed`` for any sampled KL."""
+    model, posterior, objective = system.model, system.posterior, system.objective
+    if posterior is None:  # no q: no latent statistics
+        return {"kl": 0.0, "mi": None, "au": None, "examples": len(dataset), "latent_of": None}, None
+    stats = LatentStatistics(model.prior())
+    device = module_device(system)
+    was_training = system.training
+    system.eval()
+    torch.manual_seed(seed)
+    try:
+        for batch in dataset.batches(batch_size):
+            stats.add(objective.evaluation_posterior(model, posterior, batch.to(device)))
+    finally:
+        system.train(was_training)
+    return stats.result(seed), stats

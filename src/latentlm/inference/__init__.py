@@ -1,6 +1,7 @@
 """Posteriors q(z | x) and learning objectives, independent of the model."""
 
-from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
+from latentlm.inference.base import (FlowPosterior, GaussianPosterior, Objective, ObjectiveOutput, Posterior,
+                                     StructuredPosterior)
 from latentlm.inference.elbo import ELBO, IWAE, VIMCO
 from latentlm.inference.exact import ExactMarginal
 from latentlm.inference.kl import free_bits, kl_per_dimension
@@ -19,7 +20,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 __all__ = [
-    "Objective", "ObjectiveOutput", "Posterior", "ELBO", "IWAE", "VIMCO", "ExactMarginal", "free_bits",
+    "Objective", "ObjectiveOutput", "Posterior", "GaussianPosterior", "FlowPosterior", "StructuredPosterior", "ELBO", "IWAE", "VIMCO", "ExactMarginal", "free_bits",
     "kl_per_dimension", "POSTERIORS", "GaussianLSTMPosterior", "diagonal_gaussian", "ConstantSchedule",
     "CyclicalSchedule", "LinearSchedule", "make_schedule", "OBJECTIVES", "SemiAmortizedELBO", "StochasticVI",
     "amortization_gap",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 
 from latentlm.data.batching import Batch
 from latentlm.models.base import LatentVariableModel
@@ -27,6 +27,11 @@ class ObjectiveOutput:
     log_marginal: torch.Tensor | None = None   # (B,) exact log p(x) when known
     tokens: torch.Tensor | None = None         # (B,) predicted tokens per example
     extras: dict[str, torch.Tensor] | None = None  # scalars to log (kl weight, baseline loss, ...)
+    q: Distribution | None = None              # the q(z | x) the bound was computed with (for KL / MI / AU)
+
+
+def diagonal_gaussian(mean: torch.Tensor, logvar: torch.Tensor) -> Independent:
+    return Independent(Normal(mean, torch.exp(0.5 * logvar)), 1)
 
 
 class Posterior(nn.Module):
@@ -34,10 +39,44 @@ class Posterior(nn.Module):
 
     ``forward(batch)`` returns a ``torch.distributions.Distribution`` with batch shape (B,);
     ``rsample((S,))`` / ``sample((S,))`` give (S, B, ...) and ``log_prob`` (S, B).
+
+    What else a family can do is declared by the subclass it derives from, never probed:
+    :class:`GaussianPosterior` (a diagonal Gaussian with ``params``), :class:`FlowPosterior`
+    (a Gaussian pushed through invertible maps), :class:`StructuredPosterior` (a discrete
+    structure with an exact ``entropy``).
     """
 
     def forward(self, batch: Batch) -> Distribution:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class GaussianPosterior(Posterior):
+    """q(z | x) = N(mean, diag exp(logvar)). ``params(batch)`` -> (mean, logvar), (B, D) each.
+
+    What semi-amortized refinement, SVI, the amortization gap and per-dimension free bits
+    rely on: q is exactly the diagonal Gaussian of these parameters.
+    """
+
+    def params(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> Independent:
+        return diagonal_gaussian(*self.params(batch))
+
+
+class FlowPosterior(Posterior):
+    """q(z | x) = a diagonal Gaussian base pushed through x-dependent invertible maps.
+
+    Not a :class:`GaussianPosterior`: its KL has no closed form and no per-dimension split,
+    and refining it means refining every layer, so objectives that need a diagonal Gaussian
+    refuse it with a :class:`~latentlm.errors.ConfigError`.
+    """
+
+
+class StructuredPosterior(Posterior):
+    """q(z | x) over a discrete structure (a chain CRF, ...): ``sample`` and ``log_prob``,
+    no ``rsample``, and an exact differentiable ``entropy()``. The ELBO uses the entropy in
+    closed form and a score-function estimate for E_q[log p(x, z)]."""
 
 
 class Objective(nn.Module):
@@ -49,6 +88,15 @@ class Objective(nn.Module):
 
     #: True when the objective needs a posterior q(z | x).
     needs_posterior: bool = True
+
+    def check(self, model: LatentVariableModel, posterior: Posterior | None) -> None:
+        """Raise :class:`~latentlm.errors.ConfigError` when this objective cannot learn this
+        pairing correctly (called by ``build_system`` before any training)."""
+
+    def evaluation_posterior(self, model: LatentVariableModel, posterior: Posterior, batch: Batch) -> Distribution:
+        """q(z | x) that evaluation (IS NLL, KL, MI, AU) uses: the encoder's, unless the
+        objective refines it (SA-VAE, SVI override this)."""
+        return posterior(batch)
 
     def forward(
         self, model: LatentVariableModel, posterior: Posterior | None, batch: Batch, step: int = 0

@@ -7,12 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from latentlm.inference.base import Posterior
-from latentlm.inference.posteriors import diagonal_gaussian
+from latentlm.inference.base import GaussianPosterior
 from latentlm.nn.bow import BagOfWordsEncoder, bag_of_words
 
 
-class GaussianBOWPosterior(Posterior):
+class GaussianBOWPosterior(GaussianPosterior):
     """log(1 + counts) -> MLP -> (mean, log-variance); reads a token ``Batch`` or a ``BowBatch``.
 
     ``dropout`` acts on the encoder's hidden features while training. ``bound`` = (m, l)
@@ -45,6 +44,3 @@ class GaussianBOWPosterior(Posterior):
             m, v = self.bound
             mean, logvar = m * torch.tanh(mean / m), v * torch.tanh(logvar / v)
         return mean, logvar  # (B, D) each
-
-    def forward(self, batch):
-        return diagonal_gaussian(*self.params(batch))

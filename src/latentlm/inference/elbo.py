@@ -5,41 +5,106 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributions import kl_divergence
 
-from latentlm.inference.base import Objective, ObjectiveOutput
-from latentlm.inference.estimators import make_estimator
+from latentlm.errors import ConfigError
+from latentlm.inference.base import FlowPosterior, Objective, ObjectiveOutput, StructuredPosterior
+from latentlm.inference.estimators import KLTerm, make_estimator, zero_valued
 from latentlm.inference.kl import free_bits, kl_divergence_mc, kl_per_dimension
 from latentlm.inference.schedules import make_schedule
+
+KL_MODES = ("auto", "analytic", "entropy", "sampled")
 
 
 class ELBO(Objective):
     """E_q[log p(x|z)] - beta(step) * KL(q || p), optionally with free bits.
 
-    ``bound`` is always the true ELBO (beta = 1, no floor); only the loss is annealed.
+    ``bound`` is always the true ELBO (beta = 1, no floor); only the loss is annealed, and
+    with beta = 1 and no floor the loss's value is exactly -mean(bound) whatever the estimator.
+
+    ``kl`` says how the KL enters: ``analytic`` (closed form, torch's KL registry — Gaussian
+    and categorical q), ``entropy`` (q's exact entropy in closed form, the cross term
+    E_q log p(z) sampled inside the estimator's integrand — a StructuredPosterior),
+    ``sampled`` (the estimator sees log p(x, z) - log q(z | x) whole), or ``auto`` (the
+    first that applies, in that order). Free bits in ``entropy`` / ``sampled`` mode floor the
+    batch's total KL: the KL term's weight is beta while an independent estimate of the
+    batch-mean KL is above the floor, 0 below it. A per-dimension floor needs a per-dimension
+    closed-form KL (a diagonal Gaussian); on any other q with more than one latent dimension
+    (a flow, a chain) it is refused rather than silently turned into a total floor.
     """
 
     def __init__(self, samples: int = 1, estimator="reparam", kl_schedule=None,
-                 free_bits: float = 0.0, free_bits_per_dimension: bool = True, vocab_size: int | None = None):
+                 free_bits: float = 0.0, free_bits_per_dimension: bool = True, vocab_size: int | None = None,
+                 kl: str = "auto"):
         super().__init__()
+        if kl not in KL_MODES:
+            raise ConfigError(f"objective.kl {kl!r} unknown; choose one of {KL_MODES}")
         self.samples = samples
         self.estimator = make_estimator(estimator, vocab_size)
         self.kl_schedule = make_schedule(kl_schedule)
         self.free_bits, self.free_bits_per_dimension = free_bits, free_bits_per_dimension
+        self.kl_mode = kl
+
+    def check(self, model, posterior) -> None:
+        if self.free_bits > 0 and self.free_bits_per_dimension and isinstance(posterior, FlowPosterior):
+            raise ConfigError(_PER_DIMENSION_REFUSED.format(type(posterior).__name__))
+
+    def _mode(self, posterior, q, p) -> str:
+        if self.kl_mode != "auto":
+            return self.kl_mode
+        try:
+            kl_divergence(q, p)
+            return "analytic"
+        except NotImplementedError:
+            return "entropy" if isinstance(posterior, StructuredPosterior) else "sampled"
 
     def forward(self, model, posterior, batch, step: int = 0) -> ObjectiveOutput:
         q, p = posterior(batch), model.prior()
-        est = self.estimator(model, q, batch, self.samples, step)
-        rec, surrogate, z = est.value, est.surrogate, est.z
-        kl_dims = kl_per_dimension(q, p)  # (B, D) or None
-        kl = kl_dims.sum(-1) if kl_dims is not None else kl_divergence_mc(q, p, z)
-        penalty = free_bits(kl_dims if kl_dims is not None else kl[:, None], self.free_bits,
-                            self.free_bits_per_dimension)
         beta = self.kl_schedule(step)
-        loss = -surrogate.mean() + beta * penalty
+        mode = self._mode(posterior, q, p)
+        per_dimension = self.free_bits > 0 and self.free_bits_per_dimension
+        if mode == "analytic":
+            kl_dims = kl_per_dimension(q, p)  # (B, D) or None
+            if kl_dims is None:
+                try:
+                    kl = kl_divergence(q, p)
+                except NotImplementedError:
+                    raise ConfigError(f"objective.kl analytic: no closed-form KL({type(q).__name__} || "
+                                      f"{type(p).__name__}); use kl: sampled") from None
+                if per_dimension and len(q.event_shape) > 0:
+                    raise ConfigError(_PER_DIMENSION_REFUSED.format(type(posterior).__name__))
+            else:
+                kl = kl_dims.sum(-1)
+            est = self.estimator(model, q, batch, self.samples, step)
+            penalty = free_bits(kl_dims if kl_dims is not None else kl[:, None], self.free_bits,
+                                self.free_bits_per_dimension)
+            loss = -est.surrogate.mean() + beta * penalty
+        else:
+            if per_dimension and len(q.event_shape) > 0:
+                raise ConfigError(_PER_DIMENSION_REFUSED.format(type(posterior).__name__))
+            entropy = q.entropy() if mode == "entropy" else None
+            weight, floor_penalty = beta, 0.0
+            if self.free_bits > 0:
+                with torch.no_grad():
+                    z = q.sample((self.samples,))
+                    cross = p.log_prob(z).mean(0)
+                    kl_hat = float(((-entropy if entropy is not None else q.log_prob(z).mean(0)) - cross).mean())
+                if kl_hat <= self.free_bits:  # below the floor: the KL term is a constant, no gradient
+                    weight, floor_penalty = 0.0, beta * self.free_bits
+            est = self.estimator(model, q, batch, self.samples, step, kl=KLTerm(p, weight, entropy))
+            kl = est.kl
+            loss = -est.surrogate.mean() + floor_penalty
         if est.extra_loss is not None:
             loss = loss + est.extra_loss
+        rec = est.value
         return ObjectiveOutput(loss=loss, bound=rec - kl, reconstruction=rec, kl=kl, tokens=batch.lengths,
-                               extras={"kl_weight": torch.tensor(beta)})
+                               extras={"kl_weight": torch.tensor(beta)}, q=q)
+
+
+_PER_DIMENSION_REFUSED = (
+    "free bits per dimension need a closed-form KL per latent dimension (a diagonal Gaussian q); posterior "
+    "{} has none, and flooring its total KL instead would change the method. Set "
+    "objective.free_bits_per_dimension: false to floor the total KL, or use a Gaussian posterior")
 
 
 class IWAE(Objective):
@@ -57,7 +122,7 @@ class IWAE(Objective):
         bound = torch.logsumexp(log_w, 0) - math.log(self.samples)
         kl = kl_divergence_mc(q, p, z)
         return ObjectiveOutput(loss=-bound.mean(), bound=bound, reconstruction=log_px_z.mean(0), kl=kl,
-                               tokens=batch.lengths)
+                               tokens=batch.lengths, q=q)
 
 
 class VIMCO(Objective):
@@ -88,6 +153,6 @@ class VIMCO(Objective):
             replaced = torch.where(eye, others_mean[None], lw[None].expand(k, -1, -1))  # (j, k, B)
             loo = torch.logsumexp(replaced, 1) - math.log(k)         # (k, B)
             signal = bound.detach()[None] - loo
-        surrogate = bound + (signal * log_q).sum(0)
+        surrogate = bound + zero_valued((signal * log_q).sum(0))  # value: the bound itself
         return ObjectiveOutput(loss=-surrogate.mean(), bound=bound, reconstruction=ll.mean(0),
-                               kl=kl_divergence_mc(q, p, z), tokens=batch.lengths)
+                               kl=kl_divergence_mc(q, p, z), tokens=batch.lengths, q=q)

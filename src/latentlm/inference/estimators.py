@@ -1,11 +1,23 @@
-"""Gradient estimators for the reconstruction term E_q[log p(x | z)] (SPEC L5).
+"""Gradient estimators for E_q[g(z)] (SPEC L5), g the ELBO's integrand.
 
-An estimator returns an :class:`Estimate`: ``value`` (B,) is the Monte Carlo estimate
-reported as part of the bound; ``surrogate`` (B,) is what gets differentiated (Pyro's
-surrogate trick: ``value + (s - s.detach())`` style terms whose gradient is the
-estimator while the number logged is the true bound); ``extra_loss`` trains any
-auxiliary parameters (a learned baseline). Estimators are modules so that baselines and
-their statistics live in the checkpoint.
+The integrand is either the reconstruction term alone, g(z) = log p(x | z), when the
+objective takes the KL in closed form (``kl=None``), or the whole ELBO,
+
+    g(z) = log p(x | z) - w * (log q(z | x) - log p(z)),
+
+when it cannot (a :class:`KLTerm` with weight w). Score-function estimators then see
+log p(x, z) - log q(z | x) whole, as Pyro's ``Trace_ELBO`` does, so a q with neither
+``rsample`` nor a closed-form KL (a chain CRF) still gets an unbiased gradient of the
+whole bound. With ``KLTerm.entropy`` (a q whose entropy is exact) the integrand is
+log p(x | z) + w log p(z) and w * H(q) is added in closed form.
+
+An estimator returns an :class:`Estimate`: ``value`` (B,) is the Monte Carlo (or exact)
+estimate of E_q log p(x | z), ``kl`` (B,) that of KL(q || p) when the estimator took it,
+and ``surrogate`` (B,) is what gets differentiated. Every surrogate is built Pyro's way,
+``value + (s - s.detach())``: its *value* is the (weighted) bound itself, so the loss an
+objective logs is -bound, while its gradient is the estimator. ``extra_loss`` trains any
+auxiliary parameters (a learned baseline) and is zero-valued for the same reason.
+Estimators are modules so that baselines and their statistics live in the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,43 +31,89 @@ from torch.distributions import Categorical, Distribution, RelaxedOneHotCategori
 
 from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
-from latentlm.models.base import LatentVariableModel
+from latentlm.models.base import FiniteLatentModel, LatentVariableModel
 from latentlm.nn.bow import bag_of_words
+
+
+@dataclass
+class KLTerm:
+    """The KL part of the integrand, when the estimator must take it: weight w (the KL
+    schedule's beta, or 0 under the free-bits floor), the prior, and optionally q's exact
+    entropy (B,) (then only the cross term E_q log p(z) is sampled)."""
+
+    prior: Distribution
+    weight: float = 1.0
+    entropy: torch.Tensor | None = None
 
 
 @dataclass
 class Estimate:
     value: torch.Tensor                   # (B,) E_q log p(x|z) estimate (or exact)
-    surrogate: torch.Tensor               # (B,) differentiate this
+    surrogate: torch.Tensor               # (B,) differentiate this; its value is value - w * kl
     z: torch.Tensor | None = None         # the samples used, (S, B, ...)
-    extra_loss: torch.Tensor | None = None  # scalar, e.g. the baseline's squared error
+    extra_loss: torch.Tensor | None = None  # scalar with value 0 whose gradient trains a baseline
     log_q: torch.Tensor | None = None     # (S, B) log q(z) of the samples, when sampled
+    kl: torch.Tensor | None = None        # (B,) KL(q || p) estimate when the estimator took the KL
+
+
+def zero_valued(t: torch.Tensor) -> torch.Tensor:
+    """``t - t.detach()``: zero, with the gradient of ``t``."""
+    return t - t.detach()
+
+
+def _integrand(model, batch, z, log_q, kl: KLTerm | None):
+    """(log p(x|z), g(z), KL samples or None, the z-dependent learning signal) for samples z (S, B, ...)."""
+    ll = model.log_likelihood(batch, z)  # (S, B)
+    if kl is None:
+        return ll, ll, None, ll.detach()
+    log_p = kl.prior.log_prob(z)  # (S, B)
+    if kl.entropy is not None:
+        kl_samples = -kl.entropy - log_p  # KL = -H(q) - E_q log p(z)
+        signal = (ll + kl.weight * log_p).detach()  # H(q) does not depend on z
+    else:
+        kl_samples = log_q - log_p
+        signal = (ll - kl.weight * kl_samples).detach()
+    return ll, ll - kl.weight * kl_samples, kl_samples, signal
 
 
 class Estimator(nn.Module):
     def forward(self, model: LatentVariableModel, q: Distribution, batch: Batch, samples: int,
-                step: int = 0) -> Estimate:  # pragma: no cover - interface
+                step: int = 0, kl: KLTerm | None = None) -> Estimate:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class Reparameterization(Estimator):
     """z = g(eps, lambda): pathwise gradient, for Gaussians and flows (Kingma & Welling 2014)."""
 
-    def forward(self, model, q, batch, samples, step=0):
+    def forward(self, model, q, batch, samples, step=0, kl=None):
+        if not q.has_rsample:
+            raise ConfigError(f"the reparameterization estimator needs a q with rsample; {type(q).__name__} has "
+                              f"none (use score_function, or enumerate for a small categorical z)")
         z = q.rsample((samples,))  # (S, B, ...)
-        value = model.log_likelihood(batch, z).mean(0)  # (B,)
-        return Estimate(value, value, z)
+        log_q = q.log_prob(z) if kl is not None and kl.entropy is None else None
+        ll, g, kl_samples, _ = _integrand(model, batch, z, log_q, kl)
+        return Estimate(ll.mean(0), g.mean(0), z, log_q=log_q,
+                        kl=None if kl_samples is None else kl_samples.mean(0))
 
 
 class Enumeration(Estimator):
-    """Exact E_q = sum_k q(k) log p(x | k) for a small discrete z: no variance at all."""
+    """Exact E_q = sum_k q(k) g(k) for a small discrete z (a :class:`FiniteLatentModel`): no variance."""
 
-    def forward(self, model, q, batch, samples, step=0):
+    def forward(self, model, q, batch, samples, step=0, kl=None):
         if not isinstance(q, Categorical):
             raise ValueError(f"exact enumeration needs a categorical q, got {type(q).__name__}")
+        if not isinstance(model, FiniteLatentModel):
+            raise ConfigError(f"exact enumeration needs a model over finitely many z (a FiniteLatentModel); "
+                              f"{type(model).__name__} is not one")
         ll = model.log_likelihood_all(batch)  # (K, B)
-        value = (q.probs.T * ll).sum(0)
-        return Estimate(value, value)
+        probs = q.probs.T  # (K, B)
+        value = (probs * ll).sum(0)
+        if kl is None:
+            return Estimate(value, value)
+        log_p = kl.prior.log_prob(torch.arange(ll.size(0), device=ll.device))[:, None]  # (K, 1)
+        neg_entropy = -kl.entropy if kl.entropy is not None else (probs * q.logits.T).sum(0)
+        kl_value = neg_entropy - (probs * log_p).sum(0)
+        return Estimate(value, value - kl.weight * kl_value, kl=kl_value)
 
 
 class BagOfWordsBaseline(nn.Module):
@@ -75,8 +133,10 @@ class BagOfWordsBaseline(nn.Module):
 
 
 class ScoreFunction(Estimator):
-    """REINFORCE (Williams 1992) with a control variate b:
-    grad = E_q[(log p(x|z) - b) grad log q(z)] + E_q[grad log p(x|z)].
+    """REINFORCE (Williams 1992) with a control variate b, over the whole integrand g:
+    grad = E_q[(g(z) - b) grad log q(z)] + E_q[grad g(z)] (the pathwise part: the model's
+    parameters, and q's through -log q(z) or the closed-form entropy). The learning signal
+    is log p(x, z) - log q(z | x) when the KL is sampled, log p(x | z) when it is closed form.
 
     ``baseline``: ``none``; ``moving_average`` (exponential average of the learning
     signal, a buffer); ``learned`` (B(x; psi) fit by squared error to the signal);
@@ -95,13 +155,12 @@ class ScoreFunction(Estimator):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.network = BagOfWordsBaseline(vocab_size) if baseline == "learned" else None
 
-    def forward(self, model, q, batch, samples, step=0):
+    def forward(self, model, q, batch, samples, step=0, kl=None):
         if self.baseline == "leave_one_out" and samples < 2:
             raise ConfigError("the leave-one-out baseline needs objective.samples >= 2")
-        z = q.sample((samples,))  # (S, B): no gradient through the sample itself
+        z = q.sample((samples,))  # (S, B, ...): no gradient through the sample itself
         log_q = q.log_prob(z)      # (S, B)
-        ll = model.log_likelihood(batch, z)  # (S, B)
-        signal = ll.detach()
+        ll, g, kl_samples, signal = _integrand(model, batch, z, log_q, kl)
         extra = None
         if self.baseline == "none":
             b = torch.zeros_like(signal)
@@ -116,11 +175,12 @@ class ScoreFunction(Estimator):
         elif self.baseline == "learned":
             pred = self.network(batch)  # (B,)
             b = pred.detach().expand_as(signal)
-            extra = ((signal - pred) ** 2).mean()
+            extra = zero_valued(((signal - pred) ** 2).mean())
         else:  # leave_one_out
             b = (signal.sum(0, keepdim=True) - signal) / (samples - 1)
-        surrogate = (ll + (signal - b) * log_q).mean(0)
-        return Estimate(ll.mean(0), surrogate, z, extra, log_q)
+        surrogate = (g + zero_valued((signal - b) * log_q)).mean(0)  # value: g; gradient: the estimator
+        return Estimate(ll.mean(0), surrogate, z, extra, log_q,
+                        kl=None if kl_samples is None else kl_samples.mean(0))
 
 
 class GumbelSoftmax(Estimator):
@@ -140,16 +200,26 @@ class GumbelSoftmax(Estimator):
     def tau(self, step: int) -> float:
         return max(self.min_temperature, self.temperature * float(torch.exp(torch.tensor(-self.anneal_rate * step))))
 
-    def forward(self, model, q, batch, samples, step=0):
+    def forward(self, model, q, batch, samples, step=0, kl=None):
         if not isinstance(q, Categorical):
             raise ValueError(f"Gumbel-softmax needs a categorical q, got {type(q).__name__}")
+        if kl is not None:
+            raise ConfigError("the Gumbel-softmax estimator needs a closed-form KL(q || p) (a categorical prior)")
         relaxed = RelaxedOneHotCategorical(torch.tensor(self.tau(step), device=q.logits.device), logits=q.logits)
-        z = relaxed.rsample((samples,))  # (S, B, K) on the simplex
-        if self.straight_through:
-            hard = F.one_hot(z.argmax(-1), z.size(-1)).to(z.dtype)
-            z = hard + z - z.detach()
-        ll = model.log_likelihood(batch, z)  # (S, B)
-        return Estimate(ll.mean(0), ll.mean(0), z)
+        soft = relaxed.rsample((samples,))  # (S, B, K) on the simplex
+        # argmax of the relaxed sample is an exact draw from q (the Gumbel-max trick): the
+        # value reported is the true E_q log p(x | z) at that discrete z, never the relaxed one.
+        hard = F.one_hot(soft.argmax(-1), soft.size(-1)).to(soft.dtype)
+        if self.straight_through:  # forward pass at the hard z, backward through the relaxed one
+            z = hard + zero_valued(soft)
+            ll = model.log_likelihood(batch, z).mean(0)
+            return Estimate(ll, ll, z)
+        if not torch.is_grad_enabled():  # nothing to differentiate: only the true value
+            ll = model.log_likelihood(batch, hard).mean(0)
+            return Estimate(ll, ll, hard)
+        both = model.log_likelihood(batch, torch.cat([hard, soft]))  # one decoder pass for both
+        value, relaxed_ll = both[:samples].mean(0), both[samples:].mean(0)
+        return Estimate(value.detach(), value.detach() + zero_valued(relaxed_ll), soft)
 
 
 def make_estimator(spec, vocab_size: int | None = None) -> Estimator:

@@ -11,7 +11,7 @@ and ``log_prob``. The density of a sample it drew itself is cached (the usual ca
 ELBO and IWAE ask for ``log_prob`` of their own samples); any other z is mapped back to
 z_0 by the exact inverse (a scalar root-find per planar layer, D sequential passes per
 IAF layer), so ``log_prob`` is a true density everywhere. There is no closed-form KL, so
-the ELBO falls back to the Monte Carlo KL of :func:`latentlm.inference.kl.kl_divergence_mc`.
+the ELBO estimates log p(x, z) - log q(z | x) whole, by reparameterization.
 
 Flow parameters are amortized: each layer reads a context vector h(x) from the encoder
 (planar: u, w, b are linear in h; IAF: h enters every MADE's first hidden layer).
@@ -26,7 +26,7 @@ from torch.distributions import Distribution, Independent, Normal, constraints
 
 from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
-from latentlm.inference.base import Posterior
+from latentlm.inference.base import FlowPosterior
 from latentlm.nn.encoders import LSTMEncoder
 
 
@@ -206,12 +206,13 @@ class FlowDistribution(Distribution):
         raise NotImplementedError("a flow posterior has no closed-form mean; average rsample() draws")
 
 
-class FlowLSTMPosterior(Posterior):
+class FlowLSTMPosterior(FlowPosterior):
     """Amortized flow posterior: LSTM over the sentence -> base (mean, log-variance) and a
     context vector for ``layers`` flow layers of kind ``flow`` (``planar`` or ``iaf``).
 
-    ``params(batch)`` returns the base Gaussian's (mean, log-variance) — what the
-    evaluation's MI / active-unit estimates read (approximate for a flow posterior).
+    A :class:`~latentlm.inference.base.FlowPosterior`, not a Gaussian one: SA-VAE / SVI
+    refinement and per-dimension free bits refuse it (they would act on the base alone).
+    ``base_params(batch)`` gives the base Gaussian's (mean, log-variance).
     """
 
     def __init__(self, vocab_size: int, latent_dim: int, flow: str = "planar", layers: int = 4,
@@ -230,7 +231,7 @@ class FlowLSTMPosterior(Posterior):
         mean, logvar = self.to_params(h).chunk(2, dim=-1)
         return mean, logvar, torch.tanh(self.to_context(h))  # (B, D), (B, D), (B, C)
 
-    def params(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def base_params(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar, _ = self.encode(batch)
         return mean, logvar
 

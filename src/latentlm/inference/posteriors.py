@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Independent, Normal
+from torch.distributions import Categorical
 
 from latentlm.data.batching import Batch
-from latentlm.inference.base import Posterior
+from latentlm.inference.base import GaussianPosterior, Posterior, diagonal_gaussian  # noqa: F401 (re-export)
 from latentlm.inference.flows import FlowLSTMPosterior
 from latentlm.nn.bow import bag_of_words
 from latentlm.nn.encoders import LSTMEncoder
 
 
-def diagonal_gaussian(mean: torch.Tensor, logvar: torch.Tensor) -> Independent:
-    return Independent(Normal(mean, torch.exp(0.5 * logvar)), 1)
-
-
-class GaussianLSTMPosterior(Posterior):
+class GaussianLSTMPosterior(GaussianPosterior):
     """Amortized diagonal Gaussian: LSTM over the sentence -> (mean, log-variance)."""
 
     def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 256, hidden_dim: int = 256):
@@ -28,9 +24,6 @@ class GaussianLSTMPosterior(Posterior):
     def params(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.to_params(self.encoder(batch.tokens, batch.lengths)).chunk(2, dim=-1)
         return mean, logvar  # (B, D) each
-
-    def forward(self, batch: Batch) -> Independent:
-        return diagonal_gaussian(*self.params(batch))
 
 
 class CategoricalLSTMPosterior(Posterior):

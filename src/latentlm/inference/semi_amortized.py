@@ -13,7 +13,9 @@ and the model is trained on ELBO(x; theta, lambda_K). As in the paper:
 ``decoder_through_refinement=True`` instead differentiates the decoder through the
 refinement too (the total derivative).
 
-Any posterior exposing ``params(batch) -> (mean, logvar)`` (a diagonal Gaussian) works.
+The posterior must be a :class:`~latentlm.inference.base.GaussianPosterior` (a diagonal
+Gaussian with ``params(batch) -> (mean, logvar)``); a flow posterior is refused with a
+``ConfigError`` (refining only its base Gaussian would not refine q).
 On CUDA, cuDNN's LSTM has no double backward, so the refinement runs with cuDNN off.
 """
 
@@ -26,10 +28,9 @@ from torch.distributions import kl_divergence
 
 from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
-from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
+from latentlm.inference.base import FlowPosterior, GaussianPosterior, Objective, ObjectiveOutput, Posterior, diagonal_gaussian
 from latentlm.inference.kl import free_bits
 from latentlm.nn.decoders import twice_differentiable
-from latentlm.inference.posteriors import diagonal_gaussian
 from latentlm.inference.schedules import make_schedule
 from latentlm.models.base import LatentVariableModel
 
@@ -134,15 +135,23 @@ class SemiAmortizedELBO(Objective):
         return refine_gaussian(model, batch, mean, logvar, self.refine_steps, self.refine_lr,
                                self.refine_samples, self.max_grad_norm, create_graph)
 
+    def check(self, model: LatentVariableModel, posterior: Posterior | None) -> None:
+        if not isinstance(posterior, GaussianPosterior):
+            raise ConfigError(
+                f"objective sa_elbo refines a diagonal Gaussian q(z | x) (a GaussianPosterior such as "
+                f"gaussian_lstm); posterior {type(posterior).__name__} is not one"
+                + (" — a flow's q is its base pushed through every layer, and refining the base alone "
+                   "would not refine q; use objective elbo or iwae with a flow" if isinstance(posterior, FlowPosterior)
+                   else ""))
+
     def evaluation_posterior(self, model: LatentVariableModel, posterior: Posterior, batch: Batch):
         """q(z | x) to importance-sample with in evaluation: the refined Gaussian at lambda_K."""
+        self.check(model, posterior)
         mean0, logvar0 = posterior.params(batch)
         return diagonal_gaussian(*self._refine(model, batch, mean0, logvar0, create_graph=False))
 
     def forward(self, model: LatentVariableModel, posterior: Posterior, batch: Batch, step: int = 0) -> ObjectiveOutput:
-        if not hasattr(posterior, "params"):
-            raise ConfigError(f"sa_elbo refines a diagonal Gaussian; posterior {type(posterior).__name__} "
-                              f"has no params(batch) -> (mean, logvar)")
+        self.check(model, posterior)
         mean0, logvar0 = posterior.params(batch)  # (B, D) each
         beta = self.kl_schedule(step)
         extras = {"kl_weight": torch.tensor(beta)}
@@ -174,4 +183,5 @@ class SemiAmortizedELBO(Objective):
             before = gaussian_elbo(model, batch, mean0.detach(), logvar0.detach(), self.samples)[0]
         extras["elbo_before_refinement"] = before.mean()
         return ObjectiveOutput(loss=loss, bound=elbo, reconstruction=rec, kl=kl_dims.sum(-1),
-                               tokens=batch.lengths, extras=extras)
+                               tokens=batch.lengths, extras=extras,
+                               q=diagonal_gaussian(mean_k.detach(), logvar_k.detach()))

@@ -20,14 +20,13 @@ from torch import nn
 
 from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
-from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
+from latentlm.inference.base import GaussianPosterior, Objective, ObjectiveOutput, Posterior, diagonal_gaussian
 from latentlm.inference.kl import free_bits
-from latentlm.inference.posteriors import diagonal_gaussian
 from latentlm.inference.schedules import make_schedule
 from latentlm.inference.semi_amortized import gaussian_elbo, refine_gaussian
 
 
-class PerInstanceGaussian(Posterior):
+class PerInstanceGaussian(GaussianPosterior):
     """A table of diagonal Gaussians, one row per training example, indexed by ``batch.index``.
 
     ``num_examples`` is the size of the training split. Rows start at the prior (mean 0,
@@ -52,9 +51,6 @@ class PerInstanceGaussian(Posterior):
     def store(self, batch: Batch, mean: torch.Tensor, logvar: torch.Tensor) -> None:
         self.mean[batch.index] = mean.detach().to(self.mean.dtype)
         self.logvar[batch.index] = logvar.detach().to(self.logvar.dtype)
-
-    def forward(self, batch: Batch):
-        return diagonal_gaussian(*self.params(batch))
 
 
 class StochasticVI(Objective):
@@ -103,7 +99,7 @@ class StochasticVI(Objective):
         beta = self.kl_schedule(step)
         loss = -rec.mean() + beta * free_bits(kl_dims, self.free_bits, self.free_bits_per_dimension)
         return ObjectiveOutput(loss=loss, bound=elbo, reconstruction=rec, kl=kl_dims.sum(-1), tokens=batch.lengths,
-                               extras={"kl_weight": torch.tensor(beta)})
+                               extras={"kl_weight": torch.tensor(beta)}, q=diagonal_gaussian(mean, logvar))
 
 
 def amortization_gap(model, posterior: nn.Module, batches, steps: int = 100, lr: float = 0.5,

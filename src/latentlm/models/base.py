@@ -48,3 +48,16 @@ class LatentVariableModel(nn.Module):
     def generate(self, z: torch.Tensor | None, num: int, max_len: int = 50, greedy: bool = False) -> torch.Tensor:
         """Token ids (num, <= max_len) decoded given z (num, ...) or unconditionally."""
         raise NotImplementedError
+
+
+class FiniteLatentModel(LatentVariableModel):
+    """A model whose z takes one of K values (a finite mixture): it can score every value
+    at once, so E_q[.] and log p(x) are exact sums over k (enumeration, exact evaluation,
+    the estimator study's exact gradient). ``prior()`` is a ``Categorical`` over the K values.
+    """
+
+    latent: ClassVar[str] = "discrete"
+
+    def log_likelihood_all(self, batch) -> torch.Tensor:  # pragma: no cover - interface
+        """log p(x | z = k) for every k, (K, B)."""
+        raise NotImplementedError

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from latentlm.data.documents import BowBatch
-from latentlm.models.base import LatentVariableModel
+from latentlm.models.base import FiniteLatentModel
 
 
 def counts_matmul(counts: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def counts_matmul(counts: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor
     return counts @ log_probs.t()  # (B, K)
 
 
-class NaiveBayesMixture(LatentVariableModel):
+class NaiveBayesMixture(FiniteLatentModel):
     """Mixture of K unigram distributions over a V-word vocabulary."""
 
     latent: ClassVar[str] = "discrete"

@@ -16,7 +16,7 @@ from torch.distributions import Categorical
 
 from latentlm.data.batching import Batch
 from latentlm.data.vocab import Vocab
-from latentlm.models.base import LatentVariableModel
+from latentlm.models.base import FiniteLatentModel
 from latentlm.nn.decoders import LSTMDecoder, word_dropout
 
 
@@ -59,7 +59,7 @@ class BatchedLSTMLMs(nn.Module):
         return out.sum(-1)
 
 
-class MixtureOfRNNLMs(LatentVariableModel):
+class MixtureOfRNNLMs(FiniteLatentModel):
     latent = "discrete"
     default_posterior = "categorical_lstm"
 

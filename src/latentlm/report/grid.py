@@ -107,12 +107,12 @@ def _training_seconds(directory: Path) -> float | None:
 def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     """Test metrics (IS NLL, PPL, ELBO, KL, MI, AU), the amortization gap on the first
     ``gap_sentences`` test sentences, and the posterior means saved for the 2-D plot."""
-    import torch
     from safetensors.torch import save_file
 
     from latentlm.device import module_device
     from latentlm.evaluation import evaluate
-    from latentlm.evaluation.latent import active_units, mutual_information, posterior_parameters
+    from latentlm.evaluation.latent import latent_statistics
+    from latentlm.inference.base import GaussianPosterior
     from latentlm.inference.svi import amortization_gap
     from latentlm.system import load_pretrained
     from latentlm.training import load_corpus
@@ -127,35 +127,27 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     test = plotted if limit is None else plotted.head(limit)
     samples = job.samples if job.samples is not None else config.eval.samples
     started = time.monotonic()
+    # KL, MI and AU are evaluate()'s (one definition: LatentStatistics), so a row's MI is the
+    # number `latentlm evaluate RUN --limit N --precision P` prints for the same run.
     metrics = evaluate(system, test, samples=samples, batch_size=config.eval.batch_size, seed=config.eval.seed,
                        precision=job.precision)
     metrics["eval_minutes"] = (time.monotonic() - started) / 60
     metrics["gap"] = None
+    metrics["latent_examples"] = len(test) if metrics["mi"] is not None else None
     posterior = system.posterior
-    if posterior is None or not hasattr(posterior, "params"):  # MI and AU describe a Gaussian code
-        metrics["mi"] = metrics["au"] = None
-    else:
-        # MI and AU from the encoder alone over all plotted sentences (cheap, and a larger set
-        # than the importance-sampled one: MI can be no larger than log N)
-        means, logvars = posterior_parameters(posterior, plotted, config.eval.batch_size)
-        metrics["mi"] = mutual_information(means, logvars, generator=torch.Generator().manual_seed(config.eval.seed),
-                                           samples=4)
-        metrics["au"] = active_units(means)
-        metrics["latent_examples"] = len(means)
-        save_file({"means": means.contiguous()}, str(directory / "test_means.safetensors"))
-        if job.gap_sentences and _plain_gaussian(system):
-            n = min(job.gap_sentences, len(test))
-            device = module_device(system)
-            batches = [test.make_batch(list(range(s, min(s + config.eval.batch_size, n)))).to(device)
-                       for s in range(0, n, config.eval.batch_size)]
-            gap = amortization_gap(system.model, posterior, batches, steps=job.gap_steps, seed=config.eval.seed)
-            metrics["gap"] = gap["gap"]
+    if posterior is not None:
+        _, stats = latent_statistics(system, plotted, config.eval.batch_size, config.eval.seed)
+        means = stats.posterior_means()
+        if means is not None:  # the plot only: posterior means of every plotted sentence
+            save_file({"means": means.contiguous().cpu()}, str(directory / "test_means.safetensors"))
+    if job.gap_sentences and isinstance(posterior, GaussianPosterior):  # the gap refines a diagonal Gaussian
+        n = min(job.gap_sentences, len(test))
+        device = module_device(system)
+        batches = [test.make_batch(list(range(s, min(s + config.eval.batch_size, n)))).to(device)
+                   for s in range(0, n, config.eval.batch_size)]
+        gap = amortization_gap(system.model, posterior, batches, steps=job.gap_steps, seed=config.eval.seed)
+        metrics["gap"] = gap["gap"]
     return metrics
-
-
-def _plain_gaussian(system) -> bool:
-    """The amortization gap refines a diagonal Gaussian; a flow's q is not one."""
-    return "flow" not in type(system.posterior).__name__.lower()
 
 
 def run_grid(configs: list[str], out: str | Path, seeds: int = 1, jobs: int = 1, threads: int = 1,

@@ -31,7 +31,7 @@ import torch
 
 from latentlm.data.batching import Batch, TextDataset
 from latentlm.errors import ConfigError
-from latentlm.evaluation.latent import mutual_information, posterior_parameters
+from latentlm.evaluation.latent import latent_statistics
 
 
 @dataclass
@@ -155,12 +155,7 @@ class AggressiveEncoderTraining:
 
 @torch.no_grad()
 def validation_mutual_information(system, dataset: TextDataset, batch_size: int = 50, seed: int = 0) -> float:
-    """I_q(x; z) over a split from the posterior's (mean, logvar) (see :mod:`latentlm.evaluation.latent`)."""
-    posterior = system.posterior
-    if not hasattr(posterior, "params"):
-        return 0.0
-    was_training = system.training
-    system.eval()
-    means, logvars = posterior_parameters(posterior, dataset, batch_size)
-    system.train(was_training)
-    return mutual_information(means, logvars, generator=torch.Generator().manual_seed(seed))
+    """I_q(x; z) over a split by :func:`latentlm.evaluation.latent.latent_statistics` (the one
+    definition validation and evaluation use); 0 where the q has no MI estimate."""
+    mi = latent_statistics(system, dataset, batch_size, seed)[0]["mi"]
+    return 0.0 if mi is None else mi

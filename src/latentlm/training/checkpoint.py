@@ -34,8 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from latentlm.errors import CheckpointError
-from latentlm.io import (_fsync_dir, _tensor_bytes, _write_synced, atomic_save_tensors,  # noqa: F401
-                         atomic_write_text, save_weights)
+from latentlm.io import _fsync_dir, _tensor_bytes, _write_synced, atomic_write_text
 
 _FOLDER = re.compile(r"^step-(\d+)(?:\.(\d+))?$")  # step-N.K; legacy step-N sorts before all
 

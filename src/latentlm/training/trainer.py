@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 import os
 import random
@@ -33,14 +32,14 @@ from latentlm.data.batching import TextDataset
 from latentlm.data.corpus import find_corpus, read_lines, split_path
 from latentlm.data.vocab import Vocab
 from latentlm.device import describe, module_device, resolve_device
-from latentlm.evaluation.latent import active_units, mutual_information
+from latentlm.evaluation.latent import LatentStatistics
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
 from latentlm.precision import autocast
 from latentlm.system import System, build_system
 from latentlm.training.aggressive import AggressiveEncoderTraining
-from latentlm.training.checkpoint import (atomic_write_text, gather_rng_states, latest_checkpoint,
-                                          load_checkpoint, save_checkpoint, save_weights)
+from latentlm.io import atomic_write_text, save_weights
+from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s"]
@@ -70,38 +69,40 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validate(system: System, dataset: TextDataset, batch_size: int, precision: str = "fp32") -> dict[str, float]:
-    """Mean per-example bound (ELBO, or exact log-likelihood) and KL over a split; with a
-    Gaussian posterior also the mutual information I_q(x; z) and the active units over the
-    split (so KL and MI can be plotted over training)."""
+def validate(system: System, dataset: TextDataset, batch_size: int, precision: str = "fp32",
+             seed: int = 0) -> dict[str, float]:
+    """Mean per-example bound (ELBO, or exact log-likelihood) over a split; with a posterior
+    also KL, the mutual information I_q(x; z) and the active units over the split, by
+    :class:`~latentlm.evaluation.latent.LatentStatistics` (the one definition evaluation uses),
+    of the q each batch's bound was computed with (so KL and MI can be plotted over training)."""
     was_training = system.training
     system.eval()
-    total = {"nll": 0.0, "kl": 0.0, "reconstruction": 0.0}
+    total = {"nll": 0.0, "reconstruction": 0.0}
     n = tokens = 0
-    gaussian = hasattr(system.posterior, "params")
-    means, logvars = [], []
+    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
     device = module_device(system)
     for batch in dataset.batches(batch_size):
         batch = batch.to(device)
         with autocast(precision, device):
             out = system(batch)
-            if gaussian:
-                m, lv = system.posterior.params(batch)
-                means.append(m.float())
-                logvars.append(lv.float())
+            if stats is not None:
+                stats.add(out.q if out.q is not None else
+                          system.objective.evaluation_posterior(system.model, system.posterior, batch))
         total["nll"] -= float(out.bound.sum())
-        if out.kl is not None:
-            total["kl"] += float(out.kl.sum())
+        if out.reconstruction is not None:
             total["reconstruction"] -= float(out.reconstruction.sum())
         n += batch.size
         tokens += batch.num_tokens
     system.train(was_training)
     out = {k: v / max(1, n) for k, v in total.items()}
+    out["kl"] = 0.0
     out["ppl_bound"] = perplexity(total["nll"], tokens)
-    if means:
-        means_t, logvars_t = torch.cat(means), torch.cat(logvars)
-        out["mi"] = mutual_information(means_t, logvars_t, generator=torch.Generator().manual_seed(0))
-        out["au"] = active_units(means_t)
+    if stats is not None:
+        latent = stats.result(seed)
+        out["kl"] = latent["kl"]
+        for key in ("mi", "au"):
+            if latent[key] is not None:
+                out[key] = latent[key]
     return out
 
 
