@@ -8,7 +8,9 @@ from torch.distributions import Categorical
 
 from latentlm.data.batching import Batch
 from latentlm.inference.base import GaussianPosterior, Posterior, diagonal_gaussian  # noqa: F401 (re-export)
+from latentlm.inference.bow_posterior import GaussianBOWPosterior
 from latentlm.inference.flows import FlowLSTMPosterior
+from latentlm.inference.svi import PerInstanceGaussian
 from latentlm.nn.bow import bag_of_words
 from latentlm.nn.encoders import LSTMEncoder
 
@@ -59,15 +61,6 @@ POSTERIORS: dict[str, type[Posterior]] = {
     "gaussian_lstm": GaussianLSTMPosterior,
     "categorical_lstm": CategoricalLSTMPosterior,
     "flow_lstm": FlowLSTMPosterior,
+    "gaussian_bow": GaussianBOWPosterior,
+    "per_instance_gaussian": PerInstanceGaussian,
 }
-
-
-def _register_issue6_posteriors() -> None:
-    """Families that import this module (``diagonal_gaussian``) register after it is loaded."""
-    from latentlm.inference.bow_posterior import GaussianBOWPosterior
-    from latentlm.inference.svi import PerInstanceGaussian
-
-    POSTERIORS.update({"gaussian_bow": GaussianBOWPosterior, "per_instance_gaussian": PerInstanceGaussian})
-
-
-_register_issue6_posteriors()
