@@ -239,11 +239,16 @@ def memory_child(B: int, T: int, K: int) -> None:
     difference of two lifetime maxima (which hides growth below an earlier peak).
     ``peak_over_emission`` = (VmHWM - VmRSS at the reset) / emission bytes: everything the
     call allocates, gradients (held in ``.grad`` at the end) included; ``peak_total_over_emission``
-    adds the emission input itself.
+    adds the emission input itself. One tiny call runs before the reset (library warm-up).
     """
     import gc
 
     torch.manual_seed(0)
+    # One tiny call first, so lazily initialized library buffers (OpenBLAS's work buffer, the
+    # autograd engine) are not charged to the problem.
+    w = torch.zeros(2, 3, 8, requires_grad=True)
+    hmm_log_likelihood(torch.zeros(8), torch.zeros(8, 8), w).sum().backward()
+    del w
     rss_libs = _status_kb("VmRSS")
     li = torch.randn(K).log_softmax(-1).requires_grad_()
     lt = torch.randn(K, K).log_softmax(-1).requires_grad_()

@@ -55,8 +55,11 @@ from dataclasses import dataclass
 
 import torch
 
+from latentlm.structured.reference import ReferenceChain
+
 # Temporaries of per-step log-space products and time-chunk buffers hold at most this many
-# elements (4 MiB in float32); the backward pass holds four such buffers at a time.
+# elements (4 MiB in float32) unless _MIN_ROWS asks for more; the backward pass holds four
+# time-chunk buffers, allocated once.
 _CHUNK_ELEMS = 1 << 20
 # The time-chunk of the backward pass has at least this many rows B * C, so the transition
 # gradient is a reasonably shaped matrix product even at B = 1.
@@ -170,16 +173,16 @@ def _time_chunk(B: int, T: int, K: int) -> int:
 
 def _emission_factor(
     init: torch.Tensor | None, unary: torch.Tensor, colmax: torch.Tensor | None, mask: torch.Tensor,
-    t0: int, t1: int,
+    t0: int, t1: int, out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """e (C, B, K) = exp(w_t - m_t) and m (B, C) for steps t0 <= t < t1.
 
     w_t = unary_t + colmax_t (t >= 1) or unary_0 + init (t = 0). Padding gets e = 1, m = 0 so
-    the recursion stays finite there (its values are masked out).
+    the recursion stays finite there (its values are masked out). ``e`` is written into the
+    chunk buffer ``out`` (C_max, B, K), every step in place.
     """
-    B, _, K = unary.shape
     w = unary[:, t0:t1].transpose(0, 1)  # (C, B, K) view, never written
-    e = unary.new_empty(t1 - t0, B, K)  # the only chunk-sized allocation: every step below is in place
+    e = out[: t1 - t0]
     lo = max(t0, 1)
     if lo < t1:
         if colmax is not None:
@@ -229,9 +232,10 @@ def scaled_forward(
         C = _time_chunk(B, T, K)
         prev: torch.Tensor | None = None
         buf = unary.new_empty(B, K) if T > 1 else None  # the matrix product's contiguous output
+        e_buf = unary.new_empty(min(C, T), B, K)  # one chunk buffer, reused (no allocator churn)
         for t0 in range(0, T, C):
             t1 = min(T, t0 + C)
-            e, m = _emission_factor(init, unary, colmax, mask, t0, t1)
+            e, m = _emission_factor(init, unary, colmax, mask, t0, t1, e_buf)
             m_sum += m.sum(1)
             for t in range(t0, t1):
                 a = alpha[:, t]  # (B, K) view (row stride T K), written in place
@@ -352,10 +356,15 @@ def scaled_backward(
     g_next: torch.Tensor | None = None
     p_next: torch.Tensor | None = None  # per-step scaled matrix into t + 1
     chunks = [(t0, min(T, t0 + C)) for t0 in range(0, T, C)]
+    # Four chunk buffers, allocated once: exp'd unaries, G_t, beta_t, and alpha_{t-1} time-major.
+    Cm = min(C, T)
+    e_buf, b_all = unary.new_empty(Cm, B, K), unary.new_empty(Cm, B, K)
+    g_all = unary.new_empty(Cm, B, K) if shared else None
+    left_all = unary.new_empty(Cm, B, K) if shared and want_trans else None
     for t0, t1 in reversed(chunks):
-        e, _ = _emission_factor(init, unary, tables.colmax, mask, t0, t1)
-        g_buf = unary.new_empty(t1 - t0, B, K) if shared else None
-        b_buf = unary.new_empty(t1 - t0, B, K)
+        e, _ = _emission_factor(init, unary, tables.colmax, mask, t0, t1, e_buf)
+        g_buf = g_all[: t1 - t0] if shared else None
+        b_buf = b_all[: t1 - t0]
         for t in range(t1 - 1, t0 - 1, -1):
             r = reset[:, t : t + 1]  # (B, 1)
             beta = b_buf[t - t0]  # (B, K), written in place
@@ -376,11 +385,10 @@ def scaled_backward(
         lo = max(t0, 1)
         if shared and want_trans and lo < t1:
             # sum_t (g_b alpha_{t-1})^T G_t in one product per chunk
-            left = unary.new_empty(t1 - lo, B, K)  # time-major like g_buf
+            left = left_all[: t1 - lo]  # time-major like g_buf
             torch.mul(alpha[:, lo - 1 : t1 - 1].transpose(0, 1), gs[None, :, None], out=left)
             right = g_buf[lo - t0 :].reshape(-1, K)
             grad_trans.addmm_(left.reshape(-1, K).t(), right)  # ((t1-lo) B, K) rows
-            del left
         alpha[:, t0:t1].mul_(b_buf.transpose(0, 1)).mul_(gs[:, None, None])
     tables.consumed = True
     if shared and want_trans:
@@ -448,8 +456,6 @@ class ChainLogPartition(torch.autograd.Function):
 
 def _reference_gradient(init, trans, unary, lengths, grad_out, needs):
     """d (sum_b g_b log Z_b) by autograd through the reference recursion, with its graph kept."""
-    from latentlm.structured.reference import ReferenceChain  # plain torch, no cycle
-
     inputs = [init, trans, unary]
     wanted = [i for i in range(3) if needs[i] and inputs[i] is not None]
     leaves = list(inputs)
