@@ -15,6 +15,7 @@ with the reason (torch-struct's log-semiring scan materializes (B, T/2, K, K, K)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 \
         .venv/bin/python benchmarks/bench_hmm.py --threads 1
     .venv/bin/python benchmarks/bench_hmm.py --memory   # peak memory at K = 4096, T = 1000
+    .venv/bin/python benchmarks/bench_hmm.py --peers hmmlearn --large-batch 0   # quick check
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -154,7 +154,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def bench_size(B, T, V, K, repeats, peer_mem_gb) -> dict:
+PEERS = ("torch-struct", "pyro", "hmmlearn")
+
+
+def bench_size(B, T, V, K, repeats, peer_mem_gb, peers_to_run=PEERS) -> dict:
     log_init, log_trans, log_b, obs = make_problem(B, T, V, K)
     row: dict = {"B": B, "T": T, "V": V, "K": K}
     ref = ours(log_init.double(), log_trans.double(), log_b.double(), obs)  # float64 reference values
@@ -168,7 +171,9 @@ def bench_size(B, T, V, K, repeats, peer_mem_gb) -> dict:
     peers = {}
     # torch-struct: the log-semiring parallel scan holds (B, T/2, K, K, K) floats.
     need = B * (T // 2) * K**3 * 4 * 2 / 1e9
-    if need > peer_mem_gb:
+    if "torch-struct" not in peers_to_run:
+        pass
+    elif need > peer_mem_gb:
         peers["torch-struct"] = {"skipped": f"needs ~{need:.0f} GB ((B, T/2, K, K, K) log-semiring scan)"}
     else:
         t = median_time(lambda: torch_struct_ll(log_init, log_trans, log_b, obs), repeats)
@@ -177,60 +182,95 @@ def bench_size(B, T, V, K, repeats, peer_mem_gb) -> dict:
     # pyro: (B, T, K, K) factors, several copies; chunk the batch to stay within memory. Its
     # parallel scan costs O(B T K^3), so at large K it is timed on the first ``rows``
     # sentences only and reported per token (its cost is linear in B).
-    per_row = T * K * K * 4 * 6 / 1e9
-    chunk = max(1, min(B, int(peer_mem_gb / per_row)))
-    rows = B if K <= 256 else min(B, 4)
-    o = obs[:rows]
-    t = median_time(lambda: pyro_ll(log_init, log_trans, log_b, o, chunk), repeats)
-    v = pyro_ll(log_init, log_trans, log_b, o, chunk)
-    peers["pyro DiscreteHMM (gathered emissions)"] = {
-        "seconds": t * B / rows, "tokens_per_s": rows * T / t, "batch_chunk": chunk, "timed_rows": rows,
-        "max_rel_diff": float(((v.double() - ref[:rows]) / ref[:rows]).abs().max()),
-    }
-    # The obvious spelling, Categorical(logits=(K, V)), has a (B, T, K, V) gradient.
-    need = B * T * K * V * 4 * 2 / 1e9
-    if need > peer_mem_gb:
-        peers["pyro DiscreteHMM (Categorical)"] = {"skipped": f"needs ~{need:.0f} GB ((B, T, K, V) emission gradient)"}
-    else:
-        t = median_time(lambda: pyro_ll(log_init, log_trans, log_b, obs, B, natural=True), repeats)
-        peers["pyro DiscreteHMM (Categorical)"] = {"seconds": t, "tokens_per_s": B * T / t}
+    if "pyro" in peers_to_run:
+        per_row = T * K * K * 4 * 6 / 1e9
+        chunk = max(1, min(B, int(peer_mem_gb / per_row)))
+        rows = B if K <= 256 else min(B, 4)
+        o = obs[:rows]
+        t = median_time(lambda: pyro_ll(log_init, log_trans, log_b, o, chunk), repeats)
+        v = pyro_ll(log_init, log_trans, log_b, o, chunk)
+        peers["pyro DiscreteHMM (gathered emissions)"] = {
+            "seconds": t * B / rows, "tokens_per_s": rows * T / t, "batch_chunk": chunk, "timed_rows": rows,
+            "max_rel_diff": float(((v.double() - ref[:rows]) / ref[:rows]).abs().max()),
+        }
+        # The obvious spelling, Categorical(logits=(K, V)), has a (B, T, K, V) gradient.
+        need = B * T * K * V * 4 * 2 / 1e9
+        if need > peer_mem_gb:
+            peers["pyro DiscreteHMM (Categorical)"] = {"skipped": f"needs ~{need:.0f} GB ((B, T, K, V) emission gradient)"}
+        else:
+            t = median_time(lambda: pyro_ll(log_init, log_trans, log_b, obs, B, natural=True), repeats)
+            peers["pyro DiscreteHMM (Categorical)"] = {"seconds": t, "tokens_per_s": B * T / t}
     # hmmlearn: forward only, float64, C++ loops; both of its implementations, keep the faster.
-    X = obs.reshape(-1, 1).numpy()
-    lengths = [T] * B
-    best = None
-    for impl in ("log", "scaling"):
-        m = hmmlearn_model(log_init, log_trans, log_b, impl)
-        t = median_time(lambda: m.score(X, lengths), repeats)
-        if best is None or t < best[0]:
-            best = (t, impl, m)
-    t, impl, m = best
-    v = torch.tensor([m.score(obs[b].reshape(-1, 1).numpy()) for b in range(B)], dtype=torch.float64)
-    peers["hmmlearn CategoricalHMM.score (forward only)"] = {
-        "seconds": t, "tokens_per_s": B * T / t, "implementation": impl,
-        "max_rel_diff": float(((v - ref) / ref).abs().max()),
-    }
+    if "hmmlearn" in peers_to_run:
+        X = obs.reshape(-1, 1).numpy()
+        lengths = [T] * B
+        best = None
+        for impl in ("log", "scaling"):
+            m = hmmlearn_model(log_init, log_trans, log_b, impl)
+            t = median_time(lambda: m.score(X, lengths), repeats)
+            if best is None or t < best[0]:
+                best = (t, impl, m)
+        t, impl, m = best
+        v = torch.tensor([m.score(obs[b].reshape(-1, 1).numpy()) for b in range(B)], dtype=torch.float64)
+        peers["hmmlearn CategoricalHMM.score (forward only)"] = {
+            "seconds": t, "tokens_per_s": B * T / t, "implementation": impl,
+            "max_rel_diff": float(((v - ref) / ref).abs().max()),
+        }
     row["peers"] = peers
     timed = [p["seconds"] for p in peers.values() if "seconds" in p]
     row["speedup_vs_fastest_peer"] = min(timed) / row["ours"]["seconds"]
     return row
 
 
+def _status_kb(field: str) -> int:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def memory_child(B: int, T: int, K: int) -> None:
-    """Run in a fresh process: peak RSS of log-likelihood + gradient at (B, T, K)."""
+    """Run in a fresh process: peak resident memory of log-likelihood + gradient at (B, T, K).
+
+    The high-water mark is reset (``echo 5 > /proc/self/clear_refs``, Linux) once the inputs
+    exist, so the peak is the largest RSS reached *during* forward + backward, not the
+    difference of two lifetime maxima (which hides growth below an earlier peak).
+    ``peak_over_emission`` = (VmHWM - VmRSS at the reset) / emission bytes: everything the
+    call allocates, gradients (held in ``.grad`` at the end) included; ``peak_total_over_emission``
+    adds the emission input itself. One tiny call runs before the reset (library warm-up).
+    """
+    import gc
+
     torch.manual_seed(0)
+    # One tiny call first, so lazily initialized library buffers (OpenBLAS's work buffer, the
+    # autograd engine) are not charged to the problem.
+    w = torch.zeros(2, 3, 8, requires_grad=True)
+    hmm_log_likelihood(torch.zeros(8), torch.zeros(8, 8), w).sum().backward()
+    del w
+    rss_libs = _status_kb("VmRSS")
     li = torch.randn(K).log_softmax(-1).requires_grad_()
     lt = torch.randn(K, K).log_softmax(-1).requires_grad_()
-    le = (torch.randn(B, T, K) - 8).requires_grad_()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    le = torch.randn(B, T, K).sub_(8).requires_grad_()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _status_kb("VmRSS")
+    hwm0 = _status_kb("VmHWM")
     t0 = time.perf_counter()
     ll = hmm_log_likelihood(li, lt, le)
     ll.sum().backward()
     secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    emit = le.numel() * 4
-    print(json.dumps({"B": B, "T": T, "K": K, "seconds": secs, "emission_MB": emit / 2**20,
-                      "transition_MB": K * K * 4 / 2**20, "peak_extra_MB": (peak - base) / 2**20,
-                      "peak_extra_over_emission": (peak - base) / emit, "finite": bool(torch.isfinite(ll).all())}))
+    peak = _status_kb("VmHWM")
+    emit = le.numel() * le.element_size()
+    print(json.dumps({
+        "B": B, "T": T, "K": K, "seconds": secs, "emission_MB": emit / 2**20, "transition_MB": K * K * 4 / 2**20,
+        "rss_libs_MB": rss_libs / 2**20, "rss_at_reset_MB": rss0 / 2**20, "hwm_after_reset_MB": hwm0 / 2**20,
+        "peak_MB": peak / 2**20, "peak_extra_MB": (peak - rss0) / 2**20,
+        "peak_over_emission": (peak - rss0) / emit, "peak_total_over_emission": (peak - rss0 + emit) / emit,
+        "grad_contiguous": bool(le.grad.is_contiguous()), "finite": bool(torch.isfinite(ll).all()),
+    }))
 
 
 def main() -> int:
@@ -243,6 +283,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peer-mem-gb", type=float, default=3.0)
+    p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="peer libraries to time")
     p.add_argument("--memory", action="store_true", help="peak memory at --mem-shape instead")
     p.add_argument("--mem-shape", type=int, nargs=3, default=[16, 1000, 4096], metavar=("B", "T", "K"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -268,7 +309,7 @@ def main() -> int:
     }
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}), flush=True)
     for K in args.K:
-        row = bench_size(args.B, args.T, args.V, K, args.repeats, args.peer_mem_gb)
+        row = bench_size(args.B, args.T, args.V, K, args.repeats, args.peer_mem_gb, args.peers)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.large_batch and 1024 in args.K:

@@ -1,4 +1,9 @@
-"""Exact dynamic programs over chains: log-partition, marginals, Viterbi, sampling, entropy."""
+"""Exact dynamic programs over chains: log-partition, marginals, Viterbi, sampling, entropy.
+
+The fast kernels (``chain_*``, ``hmm_*``, ``crf_*``, ``LinearChainCRF``) are tested against
+:class:`ReferenceChain`, one plain semiring recursion (log, max, sample, entropy, KL) that is
+also what they differentiate when a gradient must be differentiated again.
+"""
 
 from latentlm.structured.chain import (
     chain_entropy,
@@ -21,10 +26,22 @@ from latentlm.structured.chain import (
     hmm_viterbi,
 )
 from latentlm.structured.crf import LinearChainCRF
+from latentlm.structured.reference import (
+    EntropySemiring,
+    KLSemiring,
+    LogSemiring,
+    MaxSemiring,
+    ReferenceChain,
+    SampleSemiring,
+    Semiring,
+    chain_semiring_dp,
+)
 
 __all__ = [
     "emission_scores", "hmm_log_likelihood", "hmm_marginals", "hmm_viterbi", "hmm_sample", "hmm_entropy",
     "crf_log_partition", "crf_marginals", "crf_viterbi", "crf_sample", "crf_entropy", "crf_score",
     "chain_log_partition", "chain_marginals", "chain_viterbi", "chain_sample", "chain_entropy",
     "chain_score", "LinearChainCRF",
+    "ReferenceChain", "chain_semiring_dp", "Semiring", "LogSemiring", "MaxSemiring", "SampleSemiring",
+    "EntropySemiring", "KLSemiring",
 ]

@@ -28,13 +28,25 @@ including -inf, but costs O(B K^2) memory traffic per step instead of a matrix p
 Memory
 ------
 The backward pass is hand-written (``ChainLogPartition``): the forward pass keeps only the
-normalized filters alpha (T, B, K) and the normalizers (B, T). The backward recursion
+normalized filters alpha (B, T, K) and the normalizers (B, T). The backward recursion
 
     beta_t = G_{t+1} @ A^T,      G_t = e_t * beta_t / c_t,      gamma_t = alpha_t * beta_t
 
 overwrites alpha with the posterior marginals gamma (which are the unary gradient), and
-accumulates the transition gradient sum_t alpha_{t-1}^T G_t one time-chunk at a time, so
-peak memory is the input plus one (T, B, K) table plus chunk-sized buffers.
+accumulates the transition gradient sum_t alpha_{t-1}^T G_t one time-chunk at a time. The
+alpha table is laid out like ``unary`` (batch-major, contiguous) and the backward drops its
+own reference to it, so autograd adopts it as ``unary.grad`` without a copy: peak memory
+is the input plus one (B, T, K) table (which *is* the gradient), the (K, K) transition
+matrix and its gradient, and chunk-sized buffers. Betas, the G_t and the exp'd unaries live
+only one time-chunk at a time.
+
+Higher derivatives
+------------------
+The hand-written backward is fast but is not itself differentiable. When a caller asks for
+a graph of the gradient (``create_graph=True``: marginals that must be differentiated
+again, as structured VI does), the backward instead differentiates the plain semiring
+recursion of :mod:`latentlm.structured.reference` with autograd, which is differentiable to
+any order (and costs O(B K^2) memory per step).
 """
 
 from __future__ import annotations
@@ -42,11 +54,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from latentlm.structured.reference import ReferenceChain
 
 # Temporaries of per-step log-space products and time-chunk buffers hold at most this many
-# elements (16 MiB in float32).
-_CHUNK_ELEMS = 1 << 22
+# elements (4 MiB in float32) unless _MIN_ROWS asks for more; the backward pass holds four
+# time-chunk buffers, allocated once.
+_CHUNK_ELEMS = 1 << 20
 # The time-chunk of the backward pass has at least this many rows B * C, so the transition
 # gradient is a reasonably shaped matrix product even at B = 1.
 _MIN_ROWS = 512
@@ -140,7 +154,7 @@ def step_trans(trans: torch.Tensor, t: int) -> torch.Tensor:
 class _Tables:
     """What the forward pass keeps for the backward pass."""
 
-    alpha: torch.Tensor        # (T, B, K) normalized filters; zero on padding and bad rows
+    alpha: torch.Tensor        # (B, T, K) normalized filters; zero on padding and bad rows
     inv_c: torch.Tensor        # (B, T) 1 / c_t on valid steps of good rows, else 0
     log_z: torch.Tensor        # (B,)
     mask: torch.Tensor         # (B, T) bool
@@ -159,27 +173,30 @@ def _time_chunk(B: int, T: int, K: int) -> int:
 
 def _emission_factor(
     init: torch.Tensor | None, unary: torch.Tensor, colmax: torch.Tensor | None, mask: torch.Tensor,
-    t0: int, t1: int,
+    t0: int, t1: int, out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """e (C, B, K) = exp(w_t - m_t) and m (B, C) for steps t0 <= t < t1.
 
     w_t = unary_t + colmax_t (t >= 1) or unary_0 + init (t = 0). Padding gets e = 1, m = 0 so
-    the recursion stays finite there (its values are masked out).
+    the recursion stays finite there (its values are masked out). ``e`` is written into the
+    chunk buffer ``out`` (C_max, B, K), every step in place.
     """
     w = unary[:, t0:t1].transpose(0, 1)  # (C, B, K) view, never written
+    e = out[: t1 - t0]
     lo = max(t0, 1)
-    if colmax is not None and lo < t1:
-        cm = colmax if colmax.dim() == 1 else colmax[:, lo - 1 : t1 - 1].transpose(0, 1)  # (K,) or (C', B, K)
-        rest = w[lo - t0 :] + cm
-    else:
-        rest = w[lo - t0 :]
+    if lo < t1:
+        if colmax is not None:
+            cm = colmax if colmax.dim() == 1 else colmax[:, lo - 1 : t1 - 1].transpose(0, 1)  # (K,) or (C', B, K)
+            torch.add(w[lo - t0 :], cm, out=e[lo - t0 :])
+        else:
+            e[lo - t0 :].copy_(w[lo - t0 :])
     if t0 == 0:
-        first = w[0] if init is None else w[0] + init  # (B, K)
-        w = torch.cat([first.unsqueeze(0), rest], dim=0)
-    else:
-        w = rest
-    m = _safe_max(w, -1)  # (C, B)
-    e = torch.exp(w - m.unsqueeze(-1))  # (C, B, K)
+        if init is None:
+            e[0].copy_(w[0])
+        else:
+            torch.add(w[0], init, out=e[0])
+    m = _safe_max(e, -1)  # (C, B)
+    e.sub_(m.unsqueeze(-1)).exp_()  # exp(w_t - m_t)
     valid = mask[:, t0:t1].transpose(0, 1)  # (C, B)
     e.masked_fill_(~valid.unsqueeze(-1), 1.0)
     m = m.masked_fill(~valid, 0.0)
@@ -207,27 +224,29 @@ def scaled_forward(
         colmax = _safe_max(trans, -2)  # (K,) or (B, T-1, K)
         if shared:
             scaled_a = torch.exp(trans - colmax)  # (K, K), every column's max is 1
-    alpha = unary.new_empty(T, B, K)
+    alpha = unary.new_empty(B, T, K)  # unary's layout, so it can become unary's gradient as is
     c = unary.new_ones(B, T)
     c_t = unary.new_ones(T, B)  # normalizers, time-major so each step writes a contiguous row
     m_sum = unary.new_zeros(B)
     if not force_log:
         C = _time_chunk(B, T, K)
         prev: torch.Tensor | None = None
+        buf = unary.new_empty(B, K) if T > 1 else None  # the matrix product's contiguous output
+        e_buf = unary.new_empty(min(C, T), B, K)  # one chunk buffer, reused (no allocator churn)
         for t0 in range(0, T, C):
             t1 = min(T, t0 + C)
-            e, m = _emission_factor(init, unary, colmax, mask, t0, t1)
+            e, m = _emission_factor(init, unary, colmax, mask, t0, t1, e_buf)
             m_sum += m.sum(1)
             for t in range(t0, t1):
-                a = alpha[t]  # (B, K) contiguous row of the table, written in place
+                a = alpha[:, t]  # (B, K) view (row stride T K), written in place
                 if t == 0:
                     a.copy_(e[0])
                 elif shared:
-                    torch.mm(prev, scaled_a, out=a).mul_(e[t - t0])
+                    torch.mul(torch.mm(prev, scaled_a, out=buf), e[t - t0], out=a)
                 else:
                     p = _scaled_step_matrix(trans, colmax, t)
-                    torch.bmm(prev.unsqueeze(1), p, out=a.unsqueeze(1))
-                    a.mul_(e[t - t0])
+                    torch.bmm(prev.unsqueeze(1), p, out=buf.unsqueeze(1))
+                    torch.mul(buf, e[t - t0], out=a)
                 torch.sum(a, -1, out=c_t[t])
                 a.div_(c_t[t].unsqueeze(-1))
                 prev = a
@@ -240,7 +259,7 @@ def scaled_forward(
     log_c = torch.where(valid, torch.log(torch.where(valid, c, torch.ones((), dtype=dtype, device=device))), 0.0)
     log_z = log_c.sum(1) + m_sum
     inv_c = torch.where(valid, 1.0 / torch.where(valid, c, torch.ones((), dtype=dtype, device=device)), 0.0)
-    alpha.masked_fill_(~valid.t().unsqueeze(-1), 0.0)
+    alpha.masked_fill_(~valid.unsqueeze(-1), 0.0)
     log_alpha_bad = None
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(1)
@@ -258,6 +277,8 @@ def log_forward(
     """Log-space forward: (log alpha (T, B, K), log Z (B,)). Padding carries the last valid alpha."""
     B, T, K = unary.shape
     la = unary.new_empty(T, B, K)
+    if T == 0:
+        return la, unary.new_zeros(B)
     a = unary[:, 0] if init is None else unary[:, 0] + init
     la[0] = a
     for t in range(1, T):
@@ -317,7 +338,7 @@ def scaled_backward(
     tables: _Tables, init: torch.Tensor | None, trans: torch.Tensor, unary: torch.Tensor,
     lengths: torch.Tensor, g: torch.Tensor, want_trans: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Gradients of sum_b g_b log Z_b: (init, trans, unary); unary's is a (B, T, K) view.
+    """Gradients of sum_b g_b log Z_b: (init, trans, unary); unary's is ``tables.alpha`` itself.
 
     Overwrites ``tables.alpha`` with the (g-scaled) posterior marginals.
     """
@@ -335,10 +356,15 @@ def scaled_backward(
     g_next: torch.Tensor | None = None
     p_next: torch.Tensor | None = None  # per-step scaled matrix into t + 1
     chunks = [(t0, min(T, t0 + C)) for t0 in range(0, T, C)]
+    # Four chunk buffers, allocated once: exp'd unaries, G_t, beta_t, and alpha_{t-1} time-major.
+    Cm = min(C, T)
+    e_buf, b_all = unary.new_empty(Cm, B, K), unary.new_empty(Cm, B, K)
+    g_all = unary.new_empty(Cm, B, K) if shared else None
+    left_all = unary.new_empty(Cm, B, K) if shared and want_trans else None
     for t0, t1 in reversed(chunks):
-        e, _ = _emission_factor(init, unary, tables.colmax, mask, t0, t1)
-        g_buf = unary.new_empty(t1 - t0, B, K) if shared else None
-        b_buf = unary.new_empty(t1 - t0, B, K)
+        e, _ = _emission_factor(init, unary, tables.colmax, mask, t0, t1, e_buf)
+        g_buf = g_all[: t1 - t0] if shared else None
+        b_buf = b_all[: t1 - t0]
         for t in range(t1 - 1, t0 - 1, -1):
             r = reset[:, t : t + 1]  # (B, 1)
             beta = b_buf[t - t0]  # (B, K), written in place
@@ -354,19 +380,20 @@ def scaled_backward(
             if not shared and t >= 1:
                 p_next = _scaled_step_matrix(trans, tables.colmax, t)  # (B, K, K) into t
                 if want_trans:
-                    grad_trans[:, t - 1] = alpha[t - 1].unsqueeze(-1) * p_next * (gt * gs[:, None]).unsqueeze(1)
+                    grad_trans[:, t - 1] = alpha[:, t - 1].unsqueeze(-1) * p_next * (gt * gs[:, None]).unsqueeze(1)
             g_next = gt
         lo = max(t0, 1)
         if shared and want_trans and lo < t1:
             # sum_t (g_b alpha_{t-1})^T G_t in one product per chunk
-            left = (alpha[lo - 1 : t1 - 1] * gs[None, :, None]).reshape(-1, K)  # ((t1-lo) B, K)
+            left = left_all[: t1 - lo]  # time-major like g_buf
+            torch.mul(alpha[:, lo - 1 : t1 - 1].transpose(0, 1), gs[None, :, None], out=left)
             right = g_buf[lo - t0 :].reshape(-1, K)
-            grad_trans.addmm_(left.t(), right)
-        alpha[t0:t1].mul_(b_buf).mul_(gs[None, :, None])
+            grad_trans.addmm_(left.reshape(-1, K).t(), right)  # ((t1-lo) B, K) rows
+        alpha[:, t0:t1].mul_(b_buf.transpose(0, 1)).mul_(gs[:, None, None])
     tables.consumed = True
     if shared and want_trans:
         grad_trans.mul_(tables.scaled_a if T > 1 else 0.0)
-    gamma = alpha  # (T, B, K), zero on padding and on bad rows
+    gamma = alpha  # (B, T, K), zero on padding and on bad rows
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(1)
         sub_init = None if init is None else (init if init.dim() == 1 else init[idx])
@@ -375,7 +402,7 @@ def scaled_backward(
         lg, lt = log_backward(
             sub_init, sub_trans, unary[idx], lengths[idx], tables.log_alpha_bad, sub_lz, g[idx], want_trans
         )
-        gamma.index_copy_(1, idx, lg)
+        gamma.index_copy_(0, idx, lg.transpose(0, 1))
         if want_trans:
             if shared:
                 grad_trans += lt
@@ -383,12 +410,19 @@ def scaled_backward(
                 grad_trans.index_copy_(0, idx, lt)
     grad_init = None
     if init is not None:
-        grad_init = gamma[0].sum(0) if init.dim() == 1 else gamma[0].clone()
-    return grad_init, grad_trans, gamma.transpose(0, 1)
+        if T == 0:
+            grad_init = torch.zeros_like(init)
+        else:
+            grad_init = gamma[:, 0].sum(0) if init.dim() == 1 else gamma[:, 0].clone()
+    return grad_init, grad_trans, gamma
 
 
 class ChainLogPartition(torch.autograd.Function):
-    """log Z (B,) with the hand-written forward-backward gradient described in the module doc."""
+    """log Z (B,) with the hand-written forward-backward gradient described in the module doc.
+
+    Under ``create_graph=True`` the gradient is instead autograd's through the reference
+    recursion, so it can be differentiated again (marginals in structured VI).
+    """
 
     @staticmethod
     def forward(ctx, init, trans, unary, lengths, force_log):  # noqa: D401 - autograd API
@@ -399,22 +433,41 @@ class ChainLogPartition(torch.autograd.Function):
         return tables.log_z.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         init, trans, unary, lengths = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            return _reference_gradient(init, trans, unary, lengths, grad_out, needs)
         tables = ctx.tables
-        if tables.consumed:  # a second backward (retain_graph=True): rebuild the tables
+        ctx.tables = None  # drop our reference: the alpha table becomes unary's gradient, uncopied
+        if tables is None or tables.consumed:  # a second backward (retain_graph=True): rebuild
             tables = scaled_forward(init, trans, unary, lengths, ctx.force_log)
-        want_trans = bool(ctx.needs_input_grad[1])
+        want_trans = bool(needs[1])
         g_init, g_trans, g_unary = scaled_backward(tables, init, trans, unary, lengths, grad_out, want_trans)
-        ctx.tables = tables
+        del tables
         return (
-            g_init if ctx.needs_input_grad[0] else None,
+            g_init if needs[0] else None,
             g_trans,
-            g_unary if ctx.needs_input_grad[2] else None,
+            g_unary if needs[2] else None,
             None,
             None,
         )
+
+
+def _reference_gradient(init, trans, unary, lengths, grad_out, needs):
+    """d (sum_b g_b log Z_b) by autograd through the reference recursion, with its graph kept."""
+    inputs = [init, trans, unary]
+    wanted = [i for i in range(3) if needs[i] and inputs[i] is not None]
+    leaves = list(inputs)
+    for i in wanted:  # tensors that do not require grad still get a (differentiable in g) gradient
+        if not leaves[i].requires_grad:
+            leaves[i] = leaves[i].detach().requires_grad_()
+    log_z = ReferenceChain(leaves[0], leaves[1], leaves[2], lengths).log_partition()
+    grads = torch.autograd.grad(log_z, [leaves[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * 5
+    for i, g in zip(wanted, grads):
+        out[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -423,7 +476,7 @@ def log_filters(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log of the forward filters (T, B, K), up to a per-(t, b) constant, and log Z (B,)."""
     tables = scaled_forward(init, trans, unary, lengths)
-    la = torch.log(tables.alpha)
+    la = torch.log(tables.alpha).transpose(0, 1)  # (T, B, K) view
     if tables.log_alpha_bad is not None:
         idx = tables.bad.nonzero().squeeze(1)
         la.index_copy_(1, idx, tables.log_alpha_bad)

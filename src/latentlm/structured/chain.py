@@ -15,9 +15,13 @@ empty path. Everything is batched and vectorized over states; only time is a Pyt
 Posterior marginals are the gradient of log Z. ``hmm_log_likelihood`` / ``crf_log_partition``
 have a hand-written backward pass (forward-backward inside an ``autograd.Function``, see
 :mod:`latentlm.structured._engine`), so the gradient costs about as much memory as one more
-copy of the emissions, instead of autograd's K x K tensor per step. That backward is not
-itself differentiable; :func:`chain_entropy` is written with ordinary autograd operations so
-inference networks can be trained through it.
+copy of the emissions, instead of autograd's K x K tensor per step. When a gradient must
+itself be differentiated (``create_graph=True``, or :func:`chain_marginals` of inputs that
+require grad) the backward differentiates the plain semiring recursion of
+:mod:`latentlm.structured.reference` instead, which is differentiable to any order.
+:func:`chain_entropy` is written with ordinary autograd operations so inference networks
+can be trained through it. :class:`~latentlm.structured.reference.ReferenceChain` is the
+specification all of these are tested against.
 """
 
 from __future__ import annotations
@@ -63,22 +67,35 @@ def chain_marginals(
     init: torch.Tensor | None, trans: torch.Tensor, unary: torch.Tensor,
     lengths: torch.Tensor | None = None, pairwise: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Posterior marginals as the gradient of log Z (not differentiable themselves).
+    """Posterior marginals as the gradient of log Z.
 
     Returns unary marginals (B, T, K) p(z_t = k | x), zero on padding; with ``pairwise`` also
     (B, T-1, K, K) p(z_{t-1} = i, z_t = j | x).
+
+    If grad mode is on and an input requires grad, the marginals are differentiable (to any
+    order) w.r.t. all inputs: they are then computed with ``create_graph=True``, which takes
+    the autograd-able reference recursion (O(B K^2) memory per step). Otherwise the
+    hand-written forward-backward computes them, with no graph.
     """
     lengths = check_chain(init, trans, unary, lengths)
     B, T, K = unary.shape
+    diff = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (init, trans, unary))
+
+    def keep(x: torch.Tensor | None) -> torch.Tensor | None:  # no graph unless the marginals need one
+        return x if diff or x is None else x.detach()
+
     with torch.enable_grad():
-        u = unary.detach().requires_grad_(True)
-        tr = trans.detach()
+        u = keep(unary)
+        if not u.requires_grad:
+            u = u.detach().requires_grad_(True)
+        tr = keep(trans)
         if pairwise:
             # The pairwise marginals are the gradient w.r.t. per-step transition scores.
-            tr = (tr.expand(B, max(T - 1, 0), K, K) if tr.dim() == 2 else tr).requires_grad_(True)
-        ini = None if init is None else init.detach()
-        log_z = ChainLogPartition.apply(ini, tr, u, lengths, False)
-        grads = torch.autograd.grad(log_z.sum(), [u, tr] if pairwise else [u])
+            tr = tr.expand(B, max(T - 1, 0), K, K) if tr.dim() == 2 else tr
+            if not tr.requires_grad:
+                tr = tr.detach().requires_grad_(True)
+        log_z = ChainLogPartition.apply(keep(init), tr, u, lengths, False)
+        grads = torch.autograd.grad(log_z.sum(), [u, tr] if pairwise else [u], create_graph=diff)
     unary_m = grads[0].contiguous()
     return (unary_m, grads[1]) if pairwise else unary_m
 
@@ -91,6 +108,8 @@ def chain_viterbi(
     lengths = check_chain(init, trans, unary, lengths)
     B, T, K = unary.shape
     device = unary.device
+    if T == 0:
+        return torch.empty(B, 0, dtype=torch.long, device=device), unary.new_zeros(B)
     delta = unary[:, 0] if init is None else unary[:, 0] + init  # (B, K)
     back = torch.empty(T, B, K, dtype=torch.long, device=device)
     ident = torch.arange(K, device=device).expand(B, K)
@@ -122,7 +141,7 @@ def chain_sample(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, T, K = unary.shape
     S = num_samples
-    la, _ = log_filters(init, trans, unary, lengths)  # (T, B, K)
+    la, _ = log_filters(init, trans, unary, lengths)  # (T, B, K) view
     out = torch.full((S, B, T), -1, dtype=torch.long, device=unary.device)
     z = torch.zeros(S, B, dtype=torch.long, device=unary.device)
     b_idx = torch.arange(B, device=unary.device)
@@ -162,6 +181,8 @@ def chain_entropy(
     """
     lengths = check_chain(init, trans, unary, lengths)
     B, T, K = unary.shape
+    if T == 0:
+        return unary.sum(dim=(1, 2))  # no positions: entropy 0, still on the graph
     big = torch.finfo(unary.dtype).max / 16
     unary = unary.clamp_min(-big)
     trans = trans.clamp_min(-big)
@@ -196,7 +217,7 @@ def chain_score(
     lead = z.shape[:-2]
     u = unary.expand(*lead, B, T, K).gather(-1, z.unsqueeze(-1)).squeeze(-1)  # (..., B, T)
     total = torch.where(mask, u, 0.0).sum(-1)
-    if init is not None:
+    if init is not None and T > 0:
         ini = init.expand(*lead, B, K) if init.dim() == 1 else init.expand(*lead, B, K)
         first = ini.gather(-1, z[..., :1]).squeeze(-1)
         total = total + torch.where(lengths > 0, first, 0.0)
