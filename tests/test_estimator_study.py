@@ -5,7 +5,7 @@ import json
 import torch
 
 from latentlm.data import TextDataset, Vocab
-from latentlm.evaluation.estimator_study import ROW_KEYS, estimator_study, write_study
+from latentlm.report.estimator_study import ROW_KEYS, estimator_study, write_study
 from latentlm.inference import ELBO
 from latentlm.inference.posteriors import CategoricalLSTMPosterior
 from latentlm.models import MixtureOfRNNLMs
@@ -53,7 +53,7 @@ def test_estimator_study_rows_enumeration_exact_and_loo_below_plain(tmp_path):
 
 def test_a_run_trained_on_the_exact_marginal_is_studied_with_a_fresh_q(tmp_path):
     from latentlm.config import load_config
-    from latentlm.evaluation.estimator_study import run_estimator_study
+    from latentlm.report.estimator_study import run_estimator_study
     from latentlm.training import train
 
     cfg = tmp_path / "m2.yaml"

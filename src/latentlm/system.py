@@ -48,6 +48,12 @@ class System(nn.Module):
         return self.objective(self.model, self.posterior, batch, step)
 
 
+def build_posterior(spec: dict, model: LatentVariableModel, vocab_size: int) -> Posterior:
+    """A posterior q(z | x) of family ``spec["type"]`` (a ``posterior`` config section) for
+    ``model``: the family gets the vocabulary size and the model's ``latent_dim`` if it names them."""
+    return _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size, latent_dim=model.latent_dim)
+
+
 def build_system(config: Config, vocab_size: int) -> System:
     model = _construct(MODELS, config.model, "model", vocab_size=vocab_size)
     objective = _construct(OBJECTIVES, config.objective, "objective", vocab_size=vocab_size)
@@ -58,8 +64,7 @@ def build_system(config: Config, vocab_size: int) -> System:
             raise ConfigError(
                 f"objective {config.objective['type']!r} needs a posterior, and model "
                 f"{config.model['type']!r} has no latent variable")
-        posterior = _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size,
-                               latent_dim=getattr(model, "latent_dim", None))
+        posterior = build_posterior(spec, model, vocab_size)
     objective.check(model, posterior)  # a pairing the objective cannot learn correctly fails here
     return System(model, posterior, objective)
 

@@ -194,7 +194,7 @@ def _cmd_cluster(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from latentlm.evaluation.estimator_study import run_estimator_study
+    from latentlm.report.estimator_study import run_estimator_study
 
     out = args.out or str(Path(args.dir) / "estimator_study")
     posterior = {"type": args.fresh_posterior} if args.fresh_posterior else None

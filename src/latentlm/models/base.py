@@ -27,6 +27,9 @@ class LatentVariableModel(nn.Module):
     #: name of the posterior family in ``latentlm.inference.POSTERIORS`` used when the
     #: config does not choose one; ``None`` for models without a latent.
     default_posterior: ClassVar[str | None] = None
+    #: the size of z a posterior must produce (dimensions of a continuous code, K of a mixture);
+    #: ``None`` where no posterior family needs it.
+    latent_dim: int | None = None
 
     def prior(self) -> Distribution:
         """p(z), with an empty batch shape."""

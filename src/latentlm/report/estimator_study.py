@@ -288,16 +288,12 @@ def run_estimator_study(run_dir: str | Path, out_dir: str | Path, batch_size: in
     the study is of the first steps of amortized inference on a model whose components are
     in use — where the gradients are not the near-zero ones of a collapsed q.
     """
-    from latentlm.system import _construct, load_pretrained
-    from latentlm.inference import POSTERIORS
+    from latentlm.system import build_posterior, load_pretrained
 
     system, config, vocab = load_pretrained(run_dir)
     if system.posterior is None or posterior is not None:
-        spec = posterior or {"type": "categorical_lstm"}
         torch.manual_seed(seed)
-        system.posterior = _construct(POSTERIORS, spec, "posterior", vocab_size=len(vocab),
-                                      latent_dim=getattr(system.model, "latent_dim", None)
-                                      or getattr(system.model, "num_components", None))
+        system.posterior = build_posterior(posterior or {"type": "categorical_lstm"}, system.model, len(vocab))
     d = config.data
     folder = find_corpus(d.name, data_dir or d.data_dir)
     valid = TextDataset(read_lines(split_path(folder, "valid"), d.max_tokens, d.valid_limit).lines, vocab)
