@@ -47,8 +47,9 @@ class System(nn.Module):
         return self.objective(self.model, self.posterior, batch, step)
 
 
-def build_system(config: Config, vocab_size: int) -> System:
-    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size)
+def build_system(config: Config, vocab_size: int, words: list[str] | None = None) -> System:
+    """``words``: the vocabulary's tokens, for models that read spellings (a character CNN)."""
+    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size, words=words)
     objective = _construct(OBJECTIVES, config.objective, "objective", vocab_size=vocab_size)
     posterior = None
     if objective.needs_posterior:
@@ -70,7 +71,7 @@ def load_pretrained(directory: str | Path, weights: str = "model.safetensors") -
             raise CheckpointError(f"{directory}: missing {name}; is this a latentlm run directory?")
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
     vocab = Vocab.load(directory / "vocab.json")
-    system = build_system(config, len(vocab))
+    system = build_system(config, len(vocab), words=vocab.itos)
     load_state(system, directory / weights)
     system.eval()
     return system, config, vocab

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,31 +27,27 @@ from tqdm.auto import tqdm
 
 from latentlm.config import Config
 from latentlm.data.batching import TextDataset
-from latentlm.data.corpus import find_corpus, read_lines, split_path
+from latentlm.data.loading import load_corpus as load_data
 from latentlm.data.vocab import Vocab
 from latentlm.evaluation.latent import active_units, mutual_information
 from latentlm.evaluation.likelihood import perplexity
-from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
+from latentlm.errors import CheckpointError, ConfigError
 from latentlm.precision import autocast
 from latentlm.system import System, build_system
+from latentlm.models.base import InitializedFromData
 from latentlm.training.aggressive import AggressiveEncoderTraining
+from latentlm.training.learners import make_learner
 from latentlm.training.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint,
                                           save_checkpoint, save_weights)
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
-                 "tokens_per_s", "elapsed_s"]
+                 "tokens_per_s", "elapsed_s", "beta"]
 
 
 def load_corpus(config: Config, vocab: Vocab | None = None, splits=("train", "valid", "test")):
-    """Read the corpus named in ``config.data``; build the vocabulary from train if not given."""
-    d = config.data
-    folder = find_corpus(d.name, d.data_dir)
-    limits = {"train": d.train_limit, "valid": d.valid_limit, "test": d.test_limit}
-    files = {s: read_lines(split_path(folder, s), d.max_tokens, limits[s]) for s in splits}
-    if vocab is None:
-        train = files["train"] if "train" in files else read_lines(split_path(folder, "train"), d.max_tokens, d.train_limit)
-        vocab = Vocab.build(train.lines, d.max_vocab, d.min_count)
-    return vocab, {s: TextDataset(f.lines, vocab) for s, f in files.items()}
+    """Read the corpus named in ``config.data`` (any ``data.format``); build the vocabulary from
+    train if not given. See :func:`latentlm.data.loading.load_corpus`."""
+    return load_data(config.data, vocab, splits, seed=config.seed)
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -140,7 +135,7 @@ class Trainer:
         vocab = Vocab.load(self.out / "vocab.json") if self.resume else None
         self.vocab, data = load_corpus(cfg, vocab, splits=("train", "valid"))
         self.train_set, self.valid_set = data["train"], data["valid"]
-        self.system = build_system(cfg, len(self.vocab))
+        self.system = build_system(cfg, len(self.vocab), words=self.vocab.itos)
         self.optimizer = make_optimizer(cfg, self.system.parameters())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
@@ -156,6 +151,17 @@ class Trainer:
                 self.state.stopped = None
             self.scheduler.load_state_dict(self.state.scheduler)
         self.ddp = DistributedDataParallel(self.system) if self.world > 1 else None
+        self.learner = make_learner(cfg, self.system, self.optimizer, self.ddp, self.aggressive, ckpt_root)
+        if self.ckpt is not None:
+            self.learner.load_state_dict(saved.get("learner", {}))
+            if not self.learner.updates_every_step and self.state.batch_in_epoch:
+                # EM: the checkpoint's parameters are those of the epoch's start; redo its E-step
+                self.state.step -= self.state.batch_in_epoch
+                self.state.batch_in_epoch = 0
+        else:
+            if isinstance(self.system.model, InitializedFromData):
+                self.system.model.initialize_from_data(self.train_set, cfg.seed)
+            self.learner.start(self.train_set, cfg.train.batch_size)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", cfg.to_json())
@@ -200,6 +206,7 @@ class Trainer:
         extra = {"train_state": self.state.__dict__}
         if self.aggressive is not None:
             extra["aggressive"] = self.aggressive.state_dict()
+        extra["learner"] = self.learner.state_dict()
         save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self.optimizer, extra,
                         keep=self.config.train.keep_checkpoints)
 
@@ -216,7 +223,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg, t, st = self.config, self.config.train, self.state
-        forward = self.ddp or self.system
+        every_step = self.learner.updates_every_step  # else (EM): checkpoints and validation at epoch ends
         self.system.train()
         start_time = time.monotonic()
         deadline = start_time + 60 * t.max_minutes if t.max_minutes else math.inf
@@ -230,28 +237,9 @@ class Trainer:
             window_tokens, window_start = 0, time.monotonic()
             while st.batch_in_epoch < len(batches):
                 batch = self.train_set.make_batch(batches[st.batch_in_epoch])
-                if self.aggressive is not None and self.aggressive.active:
-                    rng = random.Random(cfg.seed * 7919 + st.step)  # encoder batches: a function of the step
-                    with autocast(t.precision):
-                        self.aggressive.train_encoder(
-                            forward, batch, lambda: self.train_set.make_batch(batches[rng.randrange(len(batches))]),
-                            st.step)
-                with autocast(t.precision):
-                    out = forward(batch, st.step)
+                out = self.learner.step(batch, st.step,
+                                        lambda rng: self.train_set.make_batch(batches[rng.randrange(len(batches))]))
                 loss = out.loss
-                self.optimizer.zero_grad(set_to_none=True)
-                if torch.isfinite(loss):
-                    loss.backward()
-                    if self.aggressive is not None:
-                        self.aggressive.before_optimizer_step()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.system.parameters(), t.clip or math.inf)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    what = "loss" if not torch.isfinite(loss) else "gradient norm"
-                    raise TrainingDivergedError(
-                        f"{what} is not finite at step {st.step + 1} (epoch {st.epoch + 1}); the last good "
-                        f"checkpoint in {self.out / 'checkpoints'} is kept: resume with --resume and a lower "
-                        f"train.lr or train.clip")
-                self.optimizer.step()
                 st.step += 1
                 st.batch_in_epoch += 1
                 window_tokens += batch.num_tokens * self.world
@@ -270,11 +258,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row.get('kl', 0):.2f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}")
                     window_tokens, window_start = 0, time.monotonic()
-                if st.step % t.checkpoint_every == 0:
+                if st.step % t.checkpoint_every == 0 and every_step:
                     self._checkpoint()
                 if kill_at and st.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if t.eval_every and st.step % t.eval_every == 0:
+                if t.eval_every and st.step % t.eval_every == 0 and every_step:
                     self._validate_and_schedule(per_epoch=False)
                 if self.aggressive is not None and self.aggressive.active and not self.aggressive.continue_at(st.step):
                     if self.is_main:
@@ -284,9 +272,14 @@ class Trainer:
                     break
             bar.close()
             if st.stopped is None:
+                row = self.learner.end_epoch(st.epoch)  # EM: the M-step
+                if row:
+                    self._log({"step": st.step, "epoch": st.epoch + 1, **row})
+                    if row.get("stop"):
+                        st.stopped = row["stop"]
                 st.epoch += 1
                 st.batch_in_epoch = 0
-                if not t.eval_every:
+                if not t.eval_every or not every_step:
                     self._validate_and_schedule(per_epoch=True)
                 if self.aggressive is not None and self.aggressive.active:
                     # the validation just run already measured I_q(x; z): do not redo it
@@ -312,7 +305,7 @@ class Trainer:
         self.scheduler.step(metrics["nll"])
         if st.bad_epochs >= t.early_stop_patience:
             st.stopped = "early stopping"
-        elif self.optimizer.param_groups[0]["lr"] < t.min_lr:
+        elif self.learner.uses_optimizer and self.optimizer.param_groups[0]["lr"] < t.min_lr:
             st.stopped = "learning rate below train.min_lr"
         if self.is_main and (per_epoch or st.stopped):
             tqdm.write(f"step {st.step}: valid nll {metrics['nll']:.3f} kl {metrics['kl']:.3f} "
