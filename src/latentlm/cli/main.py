@@ -39,19 +39,37 @@ def _load_split(directory: str, split: str, data_dir: str | None, limit: int | N
 def _cmd_evaluate(args) -> int:
     from latentlm.evaluation import evaluate
 
-    system, config, _, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit)
+    system, config, vocab, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit)
     samples = args.samples if args.samples is not None else config.eval.samples
     result = evaluate(system, dataset, samples=samples, batch_size=config.eval.batch_size,
                       seed=config.eval.seed, progress=not args.json, precision=args.precision)
     result["precision"] = args.precision
     result["split"] = args.split
+    if args.topics:
+        result.update(_topics(system, config, vocab, args.topics))
     if args.json:
         print(json.dumps(result))
     else:
-        for key in ("examples", "tokens", "nll", "ppl", "elbo", "kl", "mi", "au"):
+        for key in ("examples", "tokens", "nll", "ppl", "elbo", "ppl_bound", "kl", "mi", "au", "npmi_mean"):
+            if key not in result:
+                continue
             value = result[key]
             print(f"{key:>9}: {value:.3f}" if isinstance(value, float) else f"{key:>9}: {value}")
     return 0
+
+
+def _topics(system, config, vocab, n: int) -> dict:
+    """Each topic's top ``n`` words and their NPMI coherence on the run's training documents (M10)."""
+    from latentlm.data.loading import load_corpus
+    from latentlm.models.topic_model import NeuralTopicModel, npmi_coherence
+
+    if not isinstance(system.model, NeuralTopicModel):
+        raise LatentLMError(f"--topics needs a topic_model run, not {type(system.model).__name__}")
+    train = load_corpus(config.data, vocab, splits=("train",), seed=config.seed)[1]["train"]
+    top = system.model.top_words(n)  # (K, n)
+    npmi = npmi_coherence(top, train.counts)
+    return {"npmi_mean": float(npmi.mean()),
+            "topics": [{"words": [vocab.itos[i] for i in row.tolist()], "npmi": float(v)} for row, v in zip(top, npmi)]}
 
 
 def _cmd_sample(args) -> int:
@@ -261,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: networks under bf16 autocast, normalizers in fp32 (faster IS-k)")
+    p.add_argument("--topics", type=int, metavar="N",
+                   help="topic models: each topic's top N words and their NPMI on the training documents")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sample", help="sentences sampled from the model (from the prior for latent models)")

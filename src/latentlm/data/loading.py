@@ -165,9 +165,9 @@ def load_corpus(d: "DataConfig", vocab: Vocab | None = None, splits=("train", "v
     """
     _check(d)
     folder = _corpus_folder(d)
-    carve = d.valid_fraction > 0
+    carve = d.valid_fraction > 0 and bool({"train", "valid"} & set(splits))
     need = set(splits)
-    if carve and "valid" in need:
+    if carve:  # both train and valid are rows of the train file
         need.add("train")
     if vocab is None:
         need.add("train")

@@ -102,7 +102,7 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
                             usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]
     result = {"examples": n, "tokens": tokens, "nll": nll / n, "ppl": perplexity(nll, tokens),
-              "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": 0.0, "au": 0, "samples": samples}
+              "elbo": totals["elbo"] / n, "ppl_bound": perplexity(-totals["elbo"], tokens), "kl": totals["kl"] / n, "mi": 0.0, "au": 0, "samples": samples}
     if means:
         means_t, logvars_t = torch.cat(means).float(), torch.cat(logvars).float()
         result["mi"] = mutual_information(means_t, logvars_t, generator=gen)
