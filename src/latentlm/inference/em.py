@@ -221,6 +221,10 @@ class EMLearner(Learner):
     def __init__(self, system, optimizer=None, options: dict[str, Any] | None = None, seed: int = 0,
                  clip: float = 0.0):
         options = dict(options or {})
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ConfigError(f"train.learner {self.name!r} runs in one process (its expected counts are not "
+                              f"all-reduced across ranks); launch it without torchrun")
         self.system, self.model, self.optimizer, self.clip = system, system.model, optimizer, clip
         if not isinstance(self.model, self.capability):
             raise ConfigError(
