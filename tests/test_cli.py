@@ -79,7 +79,7 @@ def test_tag_writes_states_and_scores_gold_tags(tmp_path):
     assert proc.returncode == 0, proc.stderr
     tsv = tmp_path / "gold.tsv"
     tsv.write_text("the\tDT\ncompany\tNN\nsaid\tVBD\n\nprices\tNNS\nfell\tVBD\n\n")
-    proc = run_cli("tag", out, "--data", tsv, "--json")
+    proc = run_cli("tag", out, "--data", tsv, "--states", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert [len(s) for s in result["states"]] == [3, 2]
@@ -89,7 +89,7 @@ def test_tag_writes_states_and_scores_gold_tags(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["samples"] == 0  # exact marginal
 
 
-def test_cluster_fits_and_assigns_documents(tmp_path):
+def test_cluster_scores_the_best_of_several_em_runs(tmp_path):
     docs = tmp_path / "docs.jsonl"
     topics = {"sport": "match goal team player season coach league win", "money": "bank market shares profit price stock rate fund"}
     lines = []
@@ -100,10 +100,26 @@ def test_cluster_fits_and_assigns_documents(tmp_path):
         lines.append(json.dumps({"id": str(i), "label": label, "label_id": i % 2,
                                  "text": " ".join(g.choice(words) for _ in range(30))}))
     docs.write_text("\n".join(lines) + "\n")
-    proc = run_cli("cluster", tmp_path / "m1", "--data", docs, "--fit", 2, "--min-df", 1, "--restarts", 2, "--json")
+    config = tmp_path / "m1.yaml"
+    config.write_text(f"""
+data: {{name: docs, format: documents, files: {{train: {docs}, valid: {docs}, test: {docs}}}, min_df: 1}}
+model: {{type: nb_mixture, num_clusters: 2}}
+objective: {{type: exact}}
+train: {{learner: em, epochs: 30, batch_size: 16, em: {{smoothing: 0.01, tol: 1.0e-6,
+        anneal: {{beta_start: 0.05, beta_growth: 2.0, iters_per_beta: 3}}}}}}
+""")
+    for seed in (0, 1):  # two restarts
+        proc = run_cli("train", config, "--out", tmp_path / f"m1_{seed}", "--set", f"seed={seed}", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    proc = run_cli("cluster", tmp_path / "m1_0", tmp_path / "m1_1", "--kmeans", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["nmi"] > 0.9 and len(result["assignments"]) == 60 and "kmeans_tfidf" in result
+    objectives = result["training_objectives"]
+    assert len(objectives) == 2 and objectives[result["run"]] == max(objectives.values())
+    proc = run_cli("evaluate", tmp_path / "m1_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["examples"] == 60
 
 
 def test_evaluate_in_bf16_stays_close_to_fp32(trained_vae):

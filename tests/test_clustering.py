@@ -18,8 +18,10 @@ from latentlm.errors import CorpusError
 from latentlm.evaluation.clustering import (
     cluster_documents, cluster_usage, kmeans_tfidf, nmi, purity, score_assignments, top_words,
 )
-from latentlm.inference.em import EMConfig, fit_em
+from latentlm.inference.em import EMLearner
+from latentlm.inference.exact import ExactMarginal
 from latentlm.models.nb_mixture import NaiveBayesMixture
+from latentlm.system import System
 
 # ---- scores --------------------------------------------------------------------------
 
@@ -201,7 +203,11 @@ def test_rescale_lengths_sets_row_sums_and_keeps_empty_rows():
 def test_cluster_documents_reports_assignments_scores_and_top_words(tmp_path):
     bow = load_documents(_write_jsonl(tmp_path / "d.jsonl", _DOCS), min_df=2)
     model = NaiveBayesMixture(bow.vocab_size, 2).double()
-    fit_em(model, bow, EMConfig(restarts=3, smoothing=0.01))
+    learner = EMLearner(System(model, None, ExactMarginal()), None, {"smoothing": 0.01}, seed=0)
+    learner.start(bow, 5)
+    for epoch in range(50):
+        learner.step(bow.make_batch(list(range(len(bow)))), 0)
+        learner.end_epoch(epoch)
     out = cluster_documents(model, bow, top_n=3)
     json.dumps(out)  # JSON-ready for --json
     assert len(out["assignments"]) == 5 and out["ids"][0] == "a/1"

@@ -10,8 +10,11 @@ import torch
 
 from latentlm.data.batching import TextDataset
 from latentlm.data.vocab import Vocab
-from latentlm.models.hmm import HMM, BaumWelchConfig, fit_baum_welch
+from latentlm.inference.em import EMLearner, GEMLearner
+from latentlm.inference.exact import ExactMarginal
+from latentlm.models.hmm import HMM
 from latentlm.models.neural_hmm import NeuralHMM
+from latentlm.system import System
 
 SENTENCES = [
     "the dog runs".split(), "a cat sleeps".split(), "the cat runs fast".split(),
@@ -76,17 +79,29 @@ def test_sentence_probabilities_sum_to_one():
     assert total == pytest.approx(1.0, abs=1e-3)
 
 
+def run_learner(cls, model, batches, epochs, optimizer=None, **options):
+    """EM epochs over fixed batches as the training loop runs them; log p(data) before each M-step."""
+    learner = cls(System(model, None, ExactMarginal()), optimizer, {"init": "model", **options}, clip=5.0)
+    learner.start(None, 0)
+    history = []
+    for epoch in range(epochs):
+        for b in batches:
+            learner.step(b, 0)
+        history.append(-learner.end_epoch(epoch)["nll"] * len(SENTENCES))
+    return history
+
+
 def test_em_never_decreases_log_likelihood_and_counts_are_expected_counts():
     data, vocab = dataset()
     model = HMM(len(vocab), 4, seed=3).double()
     batches = list(data.batches(3))
-    ci, ct, ce, total, n = model.expected_counts(batches)
-    assert n == len(SENTENCES)
+    counts = [model.expected_counts(b).counts for b in batches]
+    ci, ct, ce = (sum(c[k] for c in counts) for k in ("init", "trans", "emit"))
+    n = len(SENTENCES)
     torch.testing.assert_close(ci.sum(), torch.tensor(float(n), dtype=torch.float64))
     torch.testing.assert_close(ce.sum(), torch.tensor(float(sum(map(len, SENTENCES))), dtype=torch.float64))
     torch.testing.assert_close(ct[:, -1].sum(), torch.tensor(float(n), dtype=torch.float64))  # one STOP each
-    result = fit_baum_welch(model, batches, BaumWelchConfig(iterations=30))
-    ll = result.log_likelihoods
+    ll = run_learner(EMLearner, model, batches, 30)
     assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:])), ll
     assert ll[-1] > ll[0] + 1.0
 
@@ -171,20 +186,19 @@ def test_empty_sentence_is_stop_at_once():
 def test_neural_hmm_generalized_em_m_step_gradient_is_the_marginal_gradient_and_em_climbs():
     """Fisher's identity: at the parameters the expected counts came from, the gradient of the
     expected complete log-likelihood equals the gradient of log p(x); so small M-steps climb."""
-    from latentlm.models.neural_hmm import expected_complete_log_likelihood, fit_generalized_em
-
     data, vocab = dataset()
     torch.manual_seed(0)
     model = NeuralHMM(len(vocab), 3, dim=8, char_cnn=True, words=vocab.itos,
                       char_options={"filters": 4, "widths": (1, 2), "char_dim": 4}).double()
     batches = list(data.batches(3))
-    counts = model.expected_counts(batches)[:3]
-    q_grads = torch.autograd.grad(expected_complete_log_likelihood(model, counts), list(model.parameters()))
+    per_batch = [model.expected_counts(b).counts for b in batches]
+    counts = {k: sum(c[k] for c in per_batch) for k in per_batch[0]}
+    q_grads = torch.autograd.grad(model.expected_complete_log_likelihood(counts), list(model.parameters()))
     log_px = sum(model.log_marginal(b).sum() for b in batches)
     p_grads = torch.autograd.grad(log_px, list(model.parameters()))
     for a, b in zip(q_grads, p_grads):
         torch.testing.assert_close(a, b)
-    result = fit_generalized_em(model, batches, iterations=15, m_steps=3, lr=0.01)
-    ll = result.log_likelihoods
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    ll = run_learner(GEMLearner, model, batches, 15, optimizer, m_steps=3)
     assert all(b >= a - 1e-6 for a, b in zip(ll, ll[1:])), ll
     assert ll[-1] > ll[0] + 1.0

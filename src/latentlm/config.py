@@ -28,6 +28,14 @@ class DataConfig:
     train_limit: int | None = None     # first N training lines only (demo / quick runs)
     valid_limit: int | None = None
     test_limit: int | None = None
+    format: str = "text"               # text | documents (jsonl -> bag of words) | tagged (tsv / CoNLL-U)
+    files: dict[str, str] | None = None  # split -> file (relative to the corpus folder, or absolute)
+    valid_fraction: float = 0.0        # >0: carve the valid split from train (rows chosen by the seed)
+    lowercase: bool = False            # text / tagged: lower-case every token
+    tagset: str = "upos"               # tagged CoNLL-U: upos | xpos
+    min_df: int = 3                    # documents: a word must occur in this many training documents
+    skip_empty: bool = False           # documents: drop documents with no in-vocabulary word
+    rescale_power: float | None = None  # documents: counts rescaled to length^g (a model change)
 
 
 @dataclass
@@ -54,6 +62,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     aggressive: dict[str, Any] | None = None  # {max_inner_steps, check_every, max_epochs}: He et al. 2019
     pretrain_encoder_epochs: int = 0          # >0: autoencoder pretraining, then reset the decoder (Li et al. 2019)
+    learner: str = "gradient"          # gradient | em (closed-form M-step) | gem (optimizer M-steps)
+    em: dict[str, Any] | None = None   # em / gem options: init, anneal {...}, tol, m_steps, and the
+                                       # model's M-step prior (smoothing, mixture_smoothing, emit_smoothing)
 
 
 @dataclass

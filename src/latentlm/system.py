@@ -54,8 +54,9 @@ def build_posterior(spec: dict, model: LatentVariableModel, vocab_size: int) -> 
     return _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size, latent_dim=model.latent_dim)
 
 
-def build_system(config: Config, vocab_size: int) -> System:
-    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size)
+def build_system(config: Config, vocab_size: int, words: list[str] | None = None) -> System:
+    """``words``: the vocabulary's tokens, for models that read spellings (a character CNN)."""
+    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size, words=words)
     objective = _construct(OBJECTIVES, config.objective, "objective", vocab_size=vocab_size)
     posterior = None
     if objective.needs_posterior:
@@ -81,7 +82,7 @@ def load_pretrained(directory: str | Path, weights: str = "model.safetensors",
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
     vocab = Vocab.load(directory / "vocab.json")
     target = resolve_device(config.train.device if device is None else device)
-    system = build_system(config, len(vocab))
+    system = build_system(config, len(vocab), words=vocab.itos)
     load_state(system, directory / weights)
     system.to(target)
     system.eval()

@@ -41,19 +41,37 @@ def _load_split(directory: str, split: str, data_dir: str | None, limit: int | N
 def _cmd_evaluate(args) -> int:
     from latentlm.evaluation import evaluate
 
-    system, config, _, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit, args.device)
+    system, config, vocab, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit, args.device)
     samples = args.samples if args.samples is not None else config.eval.samples
     result = evaluate(system, dataset, samples=samples, batch_size=config.eval.batch_size,
                       seed=config.eval.seed, progress=not args.json, precision=args.precision)
     result["precision"] = args.precision
     result["split"] = args.split
+    if args.topics:
+        result.update(_topics(system, config, vocab, args.topics))
     if args.json:
         print(json.dumps(result))
     else:
-        for key in ("examples", "tokens", "nll", "ppl", "elbo", "kl", "mi", "au"):
+        for key in ("examples", "tokens", "nll", "ppl", "elbo", "ppl_bound", "kl", "mi", "au", "npmi_mean"):
+            if key not in result:
+                continue
             value = result[key]
             print(f"{key:>9}: {value:.3f}" if isinstance(value, float) else f"{key:>9}: {value}")
     return 0
+
+
+def _topics(system, config, vocab, n: int) -> dict:
+    """Each topic's top ``n`` words and their NPMI coherence on the run's training documents (M10)."""
+    from latentlm.data.loading import load_corpus
+    from latentlm.models.topic_model import NeuralTopicModel, npmi_coherence
+
+    if not isinstance(system.model, NeuralTopicModel):
+        raise LatentLMError(f"--topics needs a topic_model run, not {type(system.model).__name__}")
+    train = load_corpus(config.data, vocab, splits=("train",), seed=config.seed)[1]["train"]
+    top = system.model.top_words(n)  # (K, n)
+    npmi = npmi_coherence(top, train.counts)
+    return {"npmi_mean": float(npmi.mean()),
+            "topics": [{"words": [vocab.itos[i] for i in row.tolist()], "npmi": float(v)} for row, v in zip(top, npmi)]}
 
 
 def _cmd_sample(args) -> int:
@@ -99,85 +117,106 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
-def _cmd_tag(args) -> int:
-    """Viterbi states of every sentence; gold-tag scores when the file carries tags."""
+def _tagging_data(args, config, vocab):
+    """The sentences (and gold tags, or None) ``tag`` scores: ``--data FILE``, else the run's split."""
     from latentlm.data.batching import TextDataset
     from latentlm.data.conll import read_conllu, read_tagged_tsv
     from latentlm.data.corpus import read_lines
+    from latentlm.data.loading import TaggedDataset, load_corpus
+
+    if args.data:
+        path = Path(args.data)
+        if path.suffix in (".conllu", ".tsv"):
+            corpus = read_conllu(path, args.tagset or config.data.tagset) if path.suffix == ".conllu" \
+                else read_tagged_tsv(path)
+            words = [[w.lower() for w in s] for s in corpus.words] if config.data.lowercase else corpus.words
+            return TaggedDataset(words, vocab, corpus.tags)
+        return TextDataset(read_lines(path).lines, vocab)
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    if args.tagset:
+        config.data.tagset = args.tagset
+    return load_corpus(config.data, vocab, splits=(args.split,), seed=config.seed)[1][args.split]
+
+
+def _cmd_tag(args) -> int:
+    """Viterbi states of every sentence; many-to-one, one-to-one and V-measure when gold tags are known."""
+    from latentlm.data.loading import TaggedDataset
     from latentlm.device import module_device
     from latentlm.evaluation.tagging import tagging_scores
+    from latentlm.models.hmm import HMMBase
     from latentlm.system import load_pretrained
 
-    system, _, vocab = load_pretrained(args.dir, device=args.device)
+    system, config, vocab = load_pretrained(args.dir, device=args.device)
     device = module_device(system)
     model = system.model
-    if not hasattr(model, "tag"):
+    if not isinstance(model, HMMBase):
         raise LatentLMError(f"{args.dir} holds a {type(model).__name__}, which does not tag; train an hmm or neural_hmm")
-    path = Path(args.data)
-    gold = None
-    if path.suffix == ".conllu":
-        corpus = read_conllu(path, args.tagset)
-        sentences, gold = corpus.words, corpus.tags
-    elif path.suffix == ".tsv":
-        corpus = read_tagged_tsv(path)
-        sentences, gold = corpus.words, corpus.tags
-    else:
-        sentences = read_lines(path).lines
-    dataset = TextDataset(sentences, vocab)
-    states: list[list[int]] = [[] for _ in sentences]
+    dataset = _tagging_data(args, config, vocab)
+    states: list[list[int]] = [[] for _ in range(len(dataset))]
     for idx in dataset.batch_indices(args.batch_size):
         batch = dataset.make_batch(idx).to(device)
         tags = model.tag(batch).cpu()  # (B, N)
+        n = (batch.lengths - 1).tolist()
         for row, i in enumerate(idx):
-            states[i] = tags[row, : len(sentences[i])].tolist()
-    result = {"sentences": len(sentences), "tokens": sum(map(len, sentences))}
+            states[i] = tags[row, : n[row]].tolist()
+    result = {"sentences": len(dataset), "tokens": sum(map(len, states))}
+    gold = dataset.tags if isinstance(dataset, TaggedDataset) else None
     if gold is not None:
-        flat_gold = [t for s in gold for t in s]
-        flat_pred = [k for s in states for k in s]
-        result.update(tagging_scores(flat_pred, flat_gold).as_dict())
+        result.update(tagging_scores(states, gold).as_dict())
+        result["states_used"] = len({k for s in states for k in s})
     if args.json:
-        print(json.dumps({**result, "states": states}))
+        print(json.dumps({**result, **({"states": states} if args.states else {})}))
     else:
-        for words, ks in zip(sentences, states):
-            print(" ".join(f"{w}/{k}" for w, k in zip(words, ks)))
-        if gold is not None:
-            print(json.dumps(result), file=sys.stderr)
+        if args.states:
+            for i, ks in enumerate(states):
+                print(" ".join(f"{vocab.itos[w]}/{k}" for w, k in zip(dataset.examples[i][1:-1].tolist(), ks)))
+        print(json.dumps(result))
     return 0
 
 
+def _final_training_objective(run: Path) -> float:
+    """The last EM objective (log p(X) + log p(theta), nats per example) in a run's metrics.csv."""
+    import csv
+
+    path = run / "metrics.csv"
+    rows = [r for r in csv.DictReader(path.open())] if path.is_file() else []
+    rows = [r for r in rows if r["split"] == "e_step"]
+    if not rows:
+        raise LatentLMError(f"{run}: no EM epochs in metrics.csv; several runs are compared by their EM objective")
+    return -float(rows[-1]["loss"])
+
+
 def _cmd_cluster(args) -> int:
-    """MAP cluster of every document under a naive-Bayes mixture (M1), fitted first with --fit K."""
-    import torch
+    """Score the MAP clusters of a trained naive-Bayes mixture (M1): NMI, purity, top words.
 
-    from latentlm.config import Config, DataConfig
+    With several runs (restarts, e.g. seeds), the one with the highest final training
+    objective is scored; labels never choose.
+    """
     from latentlm.data.documents import load_documents
+    from latentlm.data.loading import load_corpus
     from latentlm.evaluation.clustering import cluster_documents, kmeans_tfidf, score_assignments
-    from latentlm.inference.em import EMConfig, fit_em
     from latentlm.models.nb_mixture import NaiveBayesMixture
-    from latentlm.system import System, build_system, load_pretrained
-    from latentlm.io import atomic_write_text, save_weights
-    from latentlm.inference.exact import ExactMarginal
+    from latentlm.system import load_pretrained
 
-    out = Path(args.dir)
-    if args.fit:
-        docs = load_documents(args.data, max_size=args.vocab_size, min_df=args.min_df)
-        model = NaiveBayesMixture(docs.vocab_size, args.fit)
-        torch.manual_seed(args.seed)
-        fit_em(model, docs, EMConfig(anneal=True, smoothing=0.01, restarts=args.restarts, seed=args.seed,
-                                     perturbation=0.01))
-        config = Config(data=DataConfig(name=str(args.data)), model={"type": "nb_mixture", "num_clusters": args.fit},
-                        objective={"type": "exact"})
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", config.to_json())
-        docs.vocab.save(out / "vocab.json")
-        save_weights(System(model, None, ExactMarginal()), out / "model.safetensors")
-    system, _, vocab = load_pretrained(out, device=args.device)  # the --fit above runs on the CPU
+    runs = [Path(d) for d in args.dirs]
+    objectives = {str(r): _final_training_objective(r) for r in runs} if len(runs) > 1 else {}
+    chosen = max(runs, key=lambda r: objectives[str(r)]) if objectives else runs[0]
+    system, config, vocab = load_pretrained(chosen, device=args.device)
     if not isinstance(system.model, NaiveBayesMixture):
-        raise LatentLMError(f"{out} holds a {type(system.model).__name__}; `cluster` needs an nb_mixture run")
-    docs = load_documents(args.data, vocab=vocab)
+        raise LatentLMError(f"{chosen} holds a {type(system.model).__name__}; `cluster` needs an nb_mixture run")
+    if args.data:
+        docs = load_documents(args.data, vocab=vocab)
+    else:
+        if args.data_dir:
+            config.data.data_dir = args.data_dir
+        docs = load_corpus(config.data, vocab, splits=(args.split,), seed=config.seed)[1][args.split]
     result = cluster_documents(system.model, docs, top_n=args.top)
-    if docs.labels is not None:
-        km = kmeans_tfidf(docs.counts, result["num_clusters"], seed=args.seed)
+    result["run"] = str(chosen)
+    if objectives:
+        result["training_objectives"] = objectives
+    if args.kmeans and docs.labels is not None:
+        km = kmeans_tfidf(docs.counts, result["num_clusters"], seed=args.seed, n_init=args.kmeans_n_init)
         result["kmeans_tfidf"] = {k: v for k, v in score_assignments(docs.labels, km, result["num_clusters"]).items()
                                   if k in ("nmi", "purity")}
     if args.json:
@@ -190,6 +229,7 @@ def _cmd_cluster(args) -> int:
                 print(f"{key}: {result[key]:.3f}")
         if "kmeans_tfidf" in result:
             print(f"k-means on tf-idf: nmi {result['kmeans_tfidf']['nmi']:.3f} purity {result['kmeans_tfidf']['purity']:.3f}")
+        print(f"run: {chosen}")
     return 0
 
 
@@ -252,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: networks under bf16 autocast, normalizers in fp32 (faster IS-k)")
     _device_option(p)
+    p.add_argument("--topics", type=int, metavar="N",
+                   help="topic models: each topic's top N words and their NPMI on the training documents")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sample", help="sentences sampled from the model (from the prior for latent models)")
@@ -276,23 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser("tag", help="Viterbi states of each sentence under an HMM run (scores vs gold tags if given)")
+    p = sub.add_parser("tag", help="tag sentences with an HMM run's Viterbi states; M-1, 1-1, V-measure vs gold tags")
     p.add_argument("dir")
-    p.add_argument("--data", required=True, help="text (one sentence per line), token<TAB>tag .tsv, or .conllu")
-    p.add_argument("--tagset", default="upos", choices=["upos", "xpos"], help="gold tags of a .conllu file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"],
+                   help="split of the run's data (default train: tag induction scores the sentences it fit)")
+    p.add_argument("--data", help="another file instead: text (one sentence per line), token<TAB>tag .tsv, or .conllu")
+    p.add_argument("--data-dir")
+    p.add_argument("--tagset", choices=["upos", "xpos"], help="gold tags of a .conllu file (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--states", action="store_true", help="also print every sentence's states")
     _device_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tag)
 
-    p = sub.add_parser("cluster", help="MAP cluster of each document under a naive-Bayes mixture (M1)")
-    p.add_argument("dir", help="run directory; with --fit K it is created by annealed EM on --data")
-    p.add_argument("--data", required=True, help="documents, .jsonl with a 'text' field (and 'label' if known)")
-    p.add_argument("--fit", type=int, metavar="K", help="first fit K clusters by annealed EM")
-    p.add_argument("--restarts", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=10_000)
-    p.add_argument("--min-df", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("cluster", help="score a naive-Bayes mixture (M1) run's clusters: NMI, purity, top words")
+    p.add_argument("dirs", nargs="+", metavar="RUN",
+                   help="run directory; several (restarts): the one with the best final training objective is scored")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of the run's data")
+    p.add_argument("--data", help="another .jsonl document file instead (read with the run's vocabulary)")
+    p.add_argument("--data-dir")
+    p.add_argument("--kmeans", action="store_true", help="also k-means on tf-idf of the same counts (the baseline)")
+    p.add_argument("--kmeans-n-init", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--top", type=int, default=10)
     _device_option(p)
     p.add_argument("--json", action="store_true")

@@ -325,16 +325,27 @@ class BagOfWords:
         labels = None if self.labels is None else torch.from_numpy(self.labels[idx])
         return BowBatch(counts, lengths, torch.from_numpy(idx), labels)
 
+    def batch_indices(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+        """The epoch's batches as index lists, a pure function of (seed, epoch) (documents in
+        file order when not shuffled): the dataset interface shared with ``TextDataset``."""
+        order = np.arange(len(self))
+        if shuffle:
+            np.random.default_rng([seed, epoch]).shuffle(order)
+        return [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
+
+    def make_batch(self, indices: Sequence[int]) -> BowBatch:
+        return self.batch(indices)
+
+    def head(self, n: int) -> "BagOfWords":
+        return self.subset(np.arange(min(n, len(self))))
+
     def batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, sparse: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> Iterator[BowBatch]:
         """Batches of ``batch_size`` documents; the order is a pure function of (seed, epoch)."""
-        order = np.arange(len(self))
-        if shuffle:
-            np.random.default_rng([seed, epoch]).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start : start + batch_size], sparse=sparse, dtype=dtype)
+        for idx in self.batch_indices(batch_size, shuffle, seed, epoch):
+            yield self.batch(idx, sparse=sparse, dtype=dtype)
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)

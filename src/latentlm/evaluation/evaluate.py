@@ -94,8 +94,8 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
                             usage)
     n, tokens, nll = len(dataset), dataset.num_tokens, totals["nll"]
     result = {"examples": n, "tokens": tokens, "nll": nll / n, "ppl": perplexity(nll, tokens),
-              "elbo": totals["elbo"] / n, "kl": totals["kl"] / n, "mi": None, "au": None, "latent_of": None,
-              "samples": samples}
+              "elbo": totals["elbo"] / n, "ppl_bound": perplexity(-totals["elbo"], tokens), "kl": totals["kl"] / n,
+              "mi": None, "au": None, "latent_of": None, "samples": samples}
     if stats is not None and stats.examples:
         latent = stats.result(seed)
         result.update(mi=latent["mi"], au=latent["au"], latent_of=latent["latent_of"])

@@ -6,7 +6,9 @@ reports share one code path whatever the model and the estimator.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,3 +104,39 @@ class Objective(nn.Module):
         self, model: LatentVariableModel, posterior: Posterior | None, batch: Batch, step: int = 0
     ) -> ObjectiveOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class Learner(ABC):
+    """How a system's parameters are updated from batches: one object per method, which the
+    training loop calls (never an if/elif on the method's name inside the loop).
+
+    The loop calls :meth:`start` once on a fresh run, :meth:`step` on every batch and
+    :meth:`end_epoch` after the epoch's last batch; :meth:`state_dict` (JSON-able) goes into
+    every checkpoint.
+    """
+
+    #: False for learners whose parameters change only at epoch ends (EM): the loop then
+    #: checkpoints and validates only there, and a run resumed from a mid-epoch checkpoint
+    #: restarts that epoch's E-step (the parameters it saw are those of the checkpoint).
+    updates_every_step: bool = True
+    #: False when no optimizer updates the parameters (closed-form EM): train.lr and its decay
+    #: on plateaus then mean nothing, and a decayed learning rate does not stop the run.
+    uses_optimizer: bool = True
+
+    def start(self, dataset, batch_size: int) -> None:
+        """Set-up before the first epoch of a fresh run (not on resume)."""
+
+    @abstractmethod
+    def step(self, batch, step: int, sample_batch=None) -> ObjectiveOutput:
+        """Learn from one batch; return the objective's record for logging. ``sample_batch()``
+        draws another training batch (the aggressive encoder phase needs it)."""
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Work at the epoch's end (EM's M-step); returns a metrics row to log (``stop``: a reason)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,97 +1,55 @@
-"""L2: closed-form EM for the naive-Bayes mixture (M1), with deterministic annealing.
+"""EM and generalized EM as learners of the one training loop (``train.learner: em | gem``).
 
-One iteration, with counts X (N, V), responsibilities R (N, K):
+An epoch is one EM iteration. :meth:`EMLearner.step` runs the exact E-step of a batch
+(``model.expected_counts``, a declared capability: :class:`~latentlm.models.base.ExpectedCounts`)
+and adds its expected counts to the epoch's; :meth:`EMLearner.end_epoch` runs the M-step:
+closed form (:class:`~latentlm.models.base.ClosedFormEM`: M1, M5) or, for generalized EM,
+``m_steps`` optimizer steps on the expected complete log-likelihood Q
+(:class:`~latentlm.models.base.GeneralizedEM`: M5, M6). Parameters change only at epoch ends,
+so the E-step of an epoch sees one parameter set whatever the batching.
 
-    E:  J = X @ log(pi)^T + log(mu)            (N, K)  one sparse-dense matmul
-        R = softmax(beta * J)                  beta = 1 is textbook EM
-    M:  W = X^T @ R                            (V, K)  one sparse-dense matmul (X^T kept as CSR)
-        pi_k = (W_k + alpha) / (sum_v W_vk + V alpha)
-        mu   = (sum_n R_n + alpha_mu) / (N + K alpha_mu)
+Options (``train.em``): ``init`` (``random``: the model's random start, e.g. M1's Dirichlet(1)
+random responsibilities, as one extra pass before the first epoch; ``model``: the parameters as
+initialized), ``tol`` (stop once the objective gains < tol nats per token in the final phase),
+``anneal`` (below), ``m_steps`` (gem), and the model's M-step prior, passed through:
+``smoothing`` / ``mixture_smoothing`` (M1), ``smoothing`` / ``emit_smoothing`` (M5). With
+pseudo-counts this is MAP-EM; what never decreases is then log p(X) + log p(theta), logged as
+``loss`` (its negative, per example) of the ``e_step`` rows of metrics.csv, next to ``nll``.
 
-With ``alpha > 0`` this is MAP-EM under a symmetric Dirichlet(1 + alpha) prior; what never
-decreases is then the *penalized* objective log p(X) + log p(theta), reported as
-``objective`` next to the plain ``log_likelihood``.
-
-Deterministic annealing (Ueda & Nakano 1998; Rose 1998) runs the same iteration with
-beta < 1, i.e. it maximizes the tempered free energy
+Deterministic annealing (Ueda & Nakano 1998; Rose 1998), ``anneal: {beta_start, beta_growth,
+iters_per_beta, perturbation, length_power}``: the E-step uses responsibilities ∝ p(x, z)^beta,
+i.e. EM on the tempered free energy
 
     F_beta(theta) = (1/beta) sum_n logsumexp_k(beta J_nk) + log p(theta),
 
 which each iteration at a fixed beta never decreases. beta rises geometrically from
-``beta_start`` (documents of hundreds of tokens have log-likelihood gaps of hundreds of
-nats between clusters; beta ~ 0.002 makes responsibilities soft) to 1, where the
-objective is the true (penalized) log-likelihood. Clusters split as beta crosses critical
-values, instead of being decided by the random start, which is why it beats plain EM.
+``beta_start`` (documents of hundreds of tokens have log-likelihood gaps of hundreds of nats
+between clusters; beta ~ 0.002 makes responsibilities soft) to 1, at most ``iters_per_beta``
+epochs per value (fewer when F_beta gains < tol per token); ``perturbation`` jitters the
+parameters at the start of each value. Clusters split as beta crosses critical values instead
+of being decided by the random start. ``length_power = g < 1`` tempers document n at
+beta_n = min(1, beta * L_n^(g - 1)), so long documents do not decide the early splits, and
+beta rises until every beta_n = 1. The last phase is plain EM on the unchanged model.
 
-Length-aware annealing (``length_power = g < 1``): one global beta makes a 2,000-token
-post's posterior hard long before a 20-token one's, so the long documents decide the early
-splits. Document n is instead tempered at beta_n = min(1, beta * L_n^(g - 1)) — at
-beta <= 1 exactly the fixed-temperature DA of a model whose documents are rescaled to
-L_n^g tokens — and beta keeps rising until every beta_n = 1. The last phase is plain EM
-on the unchanged M1, so this changes only the path, not the model or its likelihood.
-
-Restarts are chosen by the final training objective only, never by labels.
+The full-data kernels below (:class:`EMData`, :func:`em_iteration`) are what
+``benchmarks/bench_nb_em.py`` times against a numpy EM; training does not use them.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from latentlm.device import module_device
+
 from latentlm.data.documents import BagOfWords, BowBatch
-from latentlm.models.nb_mixture import NaiveBayesMixture
-
-
-@dataclass
-class EMConfig:
-    """Settings of :func:`fit_em`; the defaults are textbook EM from random responsibilities."""
-
-    max_iters: int = 500          # iterations of the final beta = 1 phase
-    tol: float = 1e-6             # stop when the objective improves by < tol nats per token
-    smoothing: float = 0.0        # alpha: pseudo-count added to every word of every cluster
-    mixture_smoothing: float = 0.0  # pseudo-count added to every cluster's size
-    anneal: bool = False
-    beta_start: float = 0.002
-    beta_growth: float = 1.1      # beta <- beta * growth between annealing steps
-    iters_per_beta: int = 10      # at most this many iterations at each beta < 1
-    perturbation: float = 0.0     # std of log-normal noise on pi at each annealing step
-    length_power: float = 1.0     # g: document n is annealed at min(1, beta * L_n^(g-1)); 1 = plain DA
-    restarts: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.smoothing < 0 or self.mixture_smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {self.smoothing}, {self.mixture_smoothing}")
-        if not 0 < self.beta_start <= 1:
-            raise ValueError(f"beta_start must be in (0, 1], got {self.beta_start}")
-        if self.anneal and self.beta_growth <= 1:
-            raise ValueError(f"beta_growth must be > 1 to reach beta = 1, got {self.beta_growth}")
-        if not 0 <= self.length_power <= 1:
-            raise ValueError(f"length_power must be in [0, 1], got {self.length_power}")
-        if self.restarts < 1 or self.max_iters < 0 or self.iters_per_beta < 1:
-            raise ValueError("restarts and iters_per_beta must be >= 1 and max_iters >= 0")
-
-
-@dataclass
-class EMStep:
-    phase: int             # annealing step (0, 1, ...); the last phase is plain EM (all beta_n = 1)
-    beta: float            # the global beta of the phase (1.0 in the last phase)
-    log_likelihood: float  # log p(X | theta) in nats, at the parameters *before* this M-step
-    objective: float       # tempered, penalized objective F_beta at those parameters
-
-
-@dataclass
-class EMResult:
-    log_likelihood: float            # final training log p(X), nats
-    objective: float                 # final penalized objective (= log_likelihood when alpha = 0)
-    history: list[EMStep]            # of the chosen restart
-    restart_objectives: list[float]  # final objective of every restart
-    best_restart: int
-    iterations: int                  # of the chosen restart
-    seconds: float = 0.0             # all restarts
+from latentlm.errors import ConfigError
+from latentlm.inference.base import Learner, ObjectiveOutput
+from latentlm.models.base import ClosedFormEM, GeneralizedEM
+from latentlm.models.nb_mixture import NaiveBayesMixture, responsibilities
 
 
 class EMData:
@@ -152,36 +110,12 @@ def log_prior(model: NaiveBayesMixture, smoothing: float, mixture_smoothing: flo
 
 
 def _e_step(params: MixtureParams, data: EMData, beta: float | torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Responsibilities (N, K), log p(X) and F_beta's data term sum_n (1/beta_n) logsumexp(beta_n J_n).
-
-    ``beta`` is one float or per-document temperatures (N,).
-    """
-    per_doc = isinstance(beta, torch.Tensor)
-    if per_doc and bool((beta == 1).all()):
-        beta, per_doc = 1.0, False
+    """Responsibilities (N, K), log p(X) and F_beta's data term sum_n (1/beta_n) logsumexp(beta_n J_n)."""
     log_words_t = params.log_words_t
     if not data.sparse:  # dense 0 * -inf would be nan; see counts_matmul
         log_words_t = log_words_t.clamp_min(torch.finfo(log_words_t.dtype).min)
-    joint = data.counts @ log_words_t + params.log_mix  # (N, K)
-    log_likelihood = None
-    if per_doc or beta != 1.0:
-        log_likelihood = float(torch.logsumexp(joint, dim=-1).sum(dtype=torch.float64))
-        joint.mul_(beta.to(joint.dtype).unsqueeze(-1) if per_doc else beta)
-    # softmax and logsumexp from one exp pass: resp = exp(J - m) / s, log-normalizer m + log s
-    top = joint.amax(dim=-1, keepdim=True)              # (N, 1)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf rows: no nan
-    joint.sub_(top)
-    # Responsibilities below ~K * tiny become exact zeros: subnormal floats would make the
-    # exp and the M-step's sparse product several times slower, for a change < 1e-36.
-    floor = math.log(torch.finfo(joint.dtype).tiny) + math.log(joint.size(-1)) + 1.0
-    resp = joint.masked_fill_(joint < floor, -math.inf).exp_()  # (N, K) unnormalized
-    total = resp.sum(dim=-1, keepdim=True)              # (N, 1)
-    log_norm = (top + total.log()).squeeze(-1).to(torch.float64)  # (N,)
-    resp.div_(total)
-    tempered = float((log_norm / beta).sum()) if per_doc else float(log_norm.sum()) / beta
-    if log_likelihood is None:
-        log_likelihood = tempered
-    return resp, log_likelihood, tempered
+    resp, log_lik, tempered = responsibilities(data.counts @ log_words_t + params.log_mix, beta)  # (N, K)
+    return resp, float(log_lik.sum()), float(tempered.sum())
 
 
 def _m_step(
@@ -219,28 +153,6 @@ def m_step(
     _m_step(params, data, resp, smoothing, mixture_smoothing).write_to(model)
 
 
-def _random_start(num_clusters: int, data: EMData, config: EMConfig, generator: torch.Generator) -> MixtureParams:
-    """M-step from Dirichlet(1) random responsibilities: the textbook EM initialization."""
-    gamma = torch.empty(data.num_docs, num_clusters, dtype=torch.float64).exponential_(generator=generator)
-    device = data.counts.device  # gamma comes from the (CPU) generator, the rest lives with the data
-    resp = (gamma / gamma.sum(-1, keepdim=True)).to(data.dtype).to(device)  # (N, K)
-    placeholder = MixtureParams(torch.zeros(num_clusters, dtype=data.dtype, device=device),
-                                torch.zeros(data.vocab_size, num_clusters, dtype=data.dtype, device=device))
-    return _m_step(placeholder, data, resp, config.smoothing, config.mixture_smoothing)
-
-
-def _perturb(params: MixtureParams, scale: float, generator: torch.Generator) -> MixtureParams:
-    """Jitter every cluster's word distribution (log pi += scale * noise, renormalized).
-
-    At small beta the symmetric solution (all clusters equal) is a stable fixed point, so
-    clusters that drifted together stay together; the jitter lets them split as soon as
-    beta passes the critical value where splitting raises F_beta (Rose 1998).
-    """
-    log_words_t = params.log_words_t
-    noise = torch.randn(log_words_t.shape, generator=generator, dtype=torch.float64).to(log_words_t)
-    return MixtureParams(params.log_mix, torch.log_softmax(log_words_t + scale * noise, dim=0))  # (V, K)
-
-
 @torch.no_grad()
 def em_iteration(
     params: MixtureParams, data: EMData, beta: float = 1.0, smoothing: float = 0.0, mixture_smoothing: float = 0.0
@@ -255,85 +167,204 @@ def em_iteration(
     return _m_step(params, data, resp, smoothing, mixture_smoothing), log_lik, objective
 
 
-def document_betas(data: EMData, beta: float, length_power: float) -> float | torch.Tensor:
-    """beta_n = min(1, beta * L_n^(g-1)) per document (N,), or ``beta`` itself when g = 1."""
+def document_betas(lengths: torch.Tensor, beta: float, length_power: float) -> float | torch.Tensor:
+    """beta_n = min(1, beta * L_n^(g-1)) per document (N,) of ``lengths`` (N,), or ``beta`` when g = 1."""
     if length_power == 1.0:
         return beta
-    scale = data.lengths.clamp_min(1.0) ** (length_power - 1.0)  # (N,)
+    scale = lengths.to(torch.float64).clamp_min(1.0) ** (length_power - 1.0)  # (N,)
     return (beta * scale).clamp_max(1.0)
 
 
-def _run_phase(
-    params: MixtureParams, data: EMData, config: EMConfig, phase: int, beta: float, max_iters: int,
-    history: list[EMStep], final: bool = False,
-) -> MixtureParams:
-    """EM at a fixed beta until the objective gains < tol nats/token, or max_iters.
+@dataclass
+class Annealing:
+    """Deterministic annealing's schedule (see the module docstring)."""
 
-    The ``final`` phase is plain EM (every beta_n = 1) whatever ``beta`` says.
-    """
-    previous = -math.inf
-    betas = 1.0 if final else document_betas(data, beta, config.length_power)
-    for _ in range(max_iters):
-        resp, log_lik, tempered = _e_step(params, data, betas)
-        objective = tempered + params.log_prior(config.smoothing, config.mixture_smoothing)
-        history.append(EMStep(phase, beta, log_lik, objective))
-        if objective - previous < config.tol * max(data.num_tokens, 1.0):
-            break
-        previous = objective
-        params = _m_step(params, data, resp, config.smoothing, config.mixture_smoothing)
-    return params
+    beta_start: float = 0.002
+    beta_growth: float = 1.1      # beta <- beta * growth between phases
+    iters_per_beta: int = 10      # at most this many epochs at each beta < 1
+    perturbation: float = 0.0     # std of the noise on log pi at the start of each phase
+    length_power: float = 1.0     # g: document n is annealed at min(1, beta * L_n^(g-1)); 1 = plain DA
 
+    def __post_init__(self) -> None:
+        if not 0 < self.beta_start <= 1:
+            raise ConfigError(f"train.em.anneal.beta_start must be in (0, 1], got {self.beta_start}")
+        if self.beta_growth <= 1:
+            raise ConfigError(f"train.em.anneal.beta_growth must be > 1 to reach beta = 1, got {self.beta_growth}")
+        if not 0 <= self.length_power <= 1:
+            raise ConfigError(f"train.em.anneal.length_power must be in [0, 1], got {self.length_power}")
+        if self.iters_per_beta < 1 or self.perturbation < 0:
+            raise ConfigError("train.em.anneal: iters_per_beta must be >= 1 and perturbation >= 0")
 
-def beta_schedule(config: EMConfig, max_length: float = 1.0) -> list[float]:
-    """The annealing steps: beta_start, beta_start * growth, ..., while some document's beta_n < 1.
-
-    With ``length_power = 1`` that is while beta < 1; otherwise while beta < max_length^(1-g),
-    ``max_length`` being the longest document's token count.
-    """
-    end = max(max_length, 1.0) ** (1.0 - config.length_power)
-    betas, beta = [], config.beta_start
-    while beta < end:
-        betas.append(beta)
-        beta *= config.beta_growth
-    return betas
+    def schedule(self, max_length: float = 1.0) -> list[float]:
+        """beta_start, beta_start * growth, ... while some document's beta_n < 1 (with
+        ``length_power = 1``: while beta < 1; else while beta < max_length^(1-g))."""
+        end = max(max_length, 1.0) ** (1.0 - self.length_power)
+        betas, beta = [], self.beta_start
+        while beta < end:
+            betas.append(beta)
+            beta *= self.beta_growth
+        return betas
 
 
-def fit_em(model: NaiveBayesMixture, data: BagOfWords | BowBatch | EMData, config: EMConfig | None = None) -> EMResult:
-    """Fit ``model`` by (annealed) EM with restarts; the best restart's parameters are kept.
+def beta_schedule(anneal: Annealing, max_length: float = 1.0) -> list[float]:
+    return anneal.schedule(max_length)
 
-    Every restart starts from random responsibilities drawn from ``config.seed + 1000 * restart``.
-    The chosen restart is the one with the highest final training objective. EM runs in
-    the model's dtype (use ``model.double()`` for exact monotonicity checks).
-    """
-    config = config or EMConfig()
-    if not isinstance(data, EMData):
-        data = EMData(data, dtype=model.word_logits.dtype)
-    if data.vocab_size != model.vocab_size:
-        raise ValueError(f"data has {data.vocab_size} words but the model {model.vocab_size}")
-    start = time.perf_counter()
-    best: tuple[float, int, MixtureParams, list[EMStep]] | None = None
-    finals: list[float] = []
-    with torch.no_grad():
-        for restart in range(config.restarts):
-            generator = torch.Generator().manual_seed(config.seed + 1000 * restart)
-            params = _random_start(model.num_clusters, data, config, generator)
-            history: list[EMStep] = []
-            schedule = beta_schedule(config, float(data.lengths.max())) if config.anneal else []
-            for phase, beta in enumerate(schedule):
-                if config.perturbation > 0:
-                    params = _perturb(params, config.perturbation, generator)
-                params = _run_phase(params, data, config, phase, beta, config.iters_per_beta, history)
-            params = _run_phase(params, data, config, len(schedule), 1.0, config.max_iters, history, final=True)
-            _, log_lik, _ = _e_step(params, data, 1.0)
-            final = log_lik + params.log_prior(config.smoothing, config.mixture_smoothing)
-            finals.append(final)
-            if best is None or final > best[0]:
-                best = (final, restart, params, history)
-        assert best is not None
-        best[2].write_to(model)
-        _, log_lik, _ = _e_step(best[2], data, 1.0)
-    objective = log_lik + best[2].log_prior(config.smoothing, config.mixture_smoothing)
-    return EMResult(
-        log_likelihood=log_lik, objective=objective, history=best[3], restart_objectives=finals,
-        best_restart=best[1], iterations=len(best[3]), seconds=time.perf_counter() - start,
-    )
+
+_OPTIONS = {"init", "tol", "anneal", "m_steps"}
+
+
+class EMLearner(Learner):
+    """Closed-form EM: E-step counts summed over the epoch, the model's M-step at its end."""
+
+    updates_every_step = False
+    uses_optimizer = False
+    capability: type = ClosedFormEM
+
+    def __init__(self, system, optimizer=None, options: dict[str, Any] | None = None, seed: int = 0,
+                 clip: float = 0.0):
+        options = dict(options or {})
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ConfigError(f"train.learner {self.name!r} runs in one process (its expected counts are not "
+                              f"all-reduced across ranks); launch it without torchrun")
+        self.system, self.model, self.optimizer, self.clip = system, system.model, optimizer, clip
+        if not isinstance(self.model, self.capability):
+            raise ConfigError(
+                f"train.learner {self.name!r} needs a model with the {self.capability.__name__} capability; "
+                f"{type(self.model).__name__} has not (use train.learner: gradient)")
+        self.init = options.pop("init", "random")
+        if self.init not in ("random", "model"):
+            raise ConfigError(f"train.em.init must be 'random' or 'model', got {self.init!r}")
+        tol = options.pop("tol", None)
+        self.tol = None if tol is None else float(tol)
+        anneal = options.pop("anneal", None)
+        self.anneal = Annealing(**anneal) if anneal else None
+        if self.anneal is not None and not self.model.supports_annealing:
+            raise ConfigError(f"{type(self.model).__name__} has no annealed E-step; remove train.em.anneal")
+        self.m_steps = int(options.pop("m_steps", 10))
+        self.prior = options  # the rest: the model's M-step pseudo-counts
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        # position on the annealing path (JSON state, checkpointed)
+        self.phase, self.iters_in_phase, self.previous, self.max_length = 0, 0, -math.inf, 1.0
+        self._reset()
+
+    name = "em"
+
+    def _reset(self) -> None:
+        self.counts: dict[str, torch.Tensor] | None = None
+        self.log_likelihood = self.objective = 0.0
+        self.examples = self.tokens = 0
+
+    def _add(self, counts: dict[str, torch.Tensor]) -> None:
+        if self.counts is None:
+            self.counts = {k: v.detach().clone() for k, v in counts.items()}
+        else:
+            for k, v in counts.items():
+                self.counts[k] += v.detach()
+
+    @property
+    def betas(self) -> list[float]:
+        return self.anneal.schedule(self.max_length) if self.anneal is not None else []
+
+    @property
+    def beta(self) -> float:
+        betas = self.betas
+        return betas[self.phase] if self.phase < len(betas) else 1.0
+
+    def _temperature(self, batch) -> float | torch.Tensor:
+        if self.anneal is None or self.phase >= len(self.betas):
+            return 1.0
+        return document_betas(batch.lengths, self.beta, self.anneal.length_power)
+
+    # -- the Learner interface ------------------------------------------------------
+    def start(self, dataset, batch_size: int) -> None:
+        device = module_device(self.model)
+        if self.anneal is not None:
+            self.max_length = float(max(int(dataset.make_batch(idx).lengths.max())
+                                        for idx in dataset.batch_indices(batch_size)))
+        if self.init == "random" and isinstance(self.model, ClosedFormEM):
+            for idx in dataset.batch_indices(batch_size):
+                counts = self.model.initial_counts(dataset.make_batch(idx).to(device), self.generator)
+                if counts is None:  # the model starts from its initialized parameters
+                    break
+                self._add(counts)
+            if self.counts is not None:
+                self.model.m_step(self.counts, **self.prior)
+            self._reset()
+        if self.anneal is not None and self.anneal.perturbation > 0 and self.betas:
+            self.model.perturb(self.anneal.perturbation, self.generator)
+
+    def step(self, batch, step: int, sample_batch=None) -> ObjectiveOutput:
+        was_training = self.model.training
+        self.model.eval()  # the E-step sees the deterministic tables (dropout off)
+        e = self.model.expected_counts(batch, self._temperature(batch))
+        self.model.train(was_training)
+        self._add(e.counts)
+        ll = e.log_likelihood.detach()
+        self.log_likelihood += float(ll.sum(dtype=torch.float64))
+        self.objective += float(e.objective.sum(dtype=torch.float64))
+        self.examples += batch.size
+        self.tokens += batch.num_tokens
+        return ObjectiveOutput(loss=-ll.sum() / max(1, batch.num_tokens), bound=ll, log_marginal=ll,
+                               tokens=batch.lengths)
+
+    def m_step(self) -> None:
+        self.model.m_step(self.counts, **self.prior)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        if self.counts is None:
+            return {}
+        beta = self.beta
+        objective = self.objective + self.model.log_prior(**self.prior)
+        n = max(1, self.examples)
+        row: dict[str, Any] = {"split": "e_step", "nll": -self.log_likelihood / n, "loss": -objective / n,
+                               "beta": beta}
+        self.m_step()
+        tokens = max(1, self.tokens)
+        gained_little = self.tol is not None and objective - self.previous < self.tol * tokens
+        self.previous = objective
+        self.iters_in_phase += 1
+        if self.phase < len(self.betas):
+            if gained_little or self.iters_in_phase >= self.anneal.iters_per_beta:
+                self.phase, self.iters_in_phase, self.previous = self.phase + 1, 0, -math.inf
+                if self.anneal.perturbation > 0 and self.phase < len(self.betas):
+                    self.model.perturb(self.anneal.perturbation, self.generator)
+        elif gained_little:
+            row["stop"] = f"converged (objective gained < train.em.tol = {self.tol} nats/token)"
+        self._reset()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "iters_in_phase": self.iters_in_phase, "previous": self.previous,
+                "max_length": self.max_length, "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.phase, self.iters_in_phase = int(state["phase"]), int(state["iters_in_phase"])
+        self.previous, self.max_length = float(state["previous"]), float(state["max_length"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self._reset()
+
+
+class GEMLearner(EMLearner):
+    """Generalized EM: the same E-step; the M-step is ``m_steps`` steps of the run's optimizer
+    (``train.optimizer``, ``train.lr``, ``train.clip``) on -Q(theta) / tokens."""
+
+    capability = GeneralizedEM
+    uses_optimizer = True
+    name = "gem"
+
+    def m_step(self) -> None:
+        if self.optimizer is None:
+            raise ConfigError("train.learner gem needs an optimizer")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        tokens = max(1, self.tokens)
+        for _ in range(self.m_steps):
+            loss = -self.model.expected_complete_log_likelihood(self.counts) / tokens
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(params, self.clip)
+            self.optimizer.step()

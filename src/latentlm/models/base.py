@@ -7,7 +7,9 @@ combine it with a posterior q(z | x).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -64,3 +66,70 @@ class FiniteLatentModel(LatentVariableModel):
     def log_likelihood_all(self, batch) -> torch.Tensor:  # pragma: no cover - interface
         """log p(x | z = k) for every k, (K, B)."""
         raise NotImplementedError
+# ---- declared capabilities of models that EM can learn -------------------------------------
+
+
+@dataclass
+class EStep:
+    """One batch's exact E-step: expected sufficient statistics summed over the batch and the
+    per-example log-likelihood. ``objective`` (B,) is the E-step's free energy term: log p(x)
+    itself at temperature 1; under deterministic annealing (1/beta) log sum_z p(x, z)^beta."""
+
+    counts: dict[str, torch.Tensor]
+    log_likelihood: torch.Tensor  # (B,) log p(x) in nats at the current parameters
+    objective: torch.Tensor       # (B,)
+
+
+class ExpectedCounts(ABC):
+    """A model whose posterior p(z | x) is exact and summarized by expected counts: the
+    E-step of EM and generalized EM. Mix into a :class:`LatentVariableModel`."""
+
+    #: whether ``expected_counts`` accepts a temperature other than 1 (deterministic annealing)
+    supports_annealing: ClassVar[bool] = False
+
+    @abstractmethod
+    def expected_counts(self, batch, temperature: float | torch.Tensor = 1.0) -> EStep:
+        """Statistics under p(z | x)^temperature (normalized); ``temperature`` a float or (B,)."""
+
+    def log_prior(self, **prior: Any) -> float:
+        """log p(theta) up to a constant, so that log p(X) + log p(theta) never decreases."""
+        return 0.0
+
+
+class ClosedFormEM(ExpectedCounts):
+    """A model whose M-step is closed form (MAP under symmetric Dirichlet pseudo-counts ``prior``).
+
+    ``prior`` keyword arguments are the model's own (e.g. ``smoothing``), passed through from
+    the config's ``train.em`` section.
+    """
+
+    @abstractmethod
+    def m_step(self, counts: dict[str, torch.Tensor], **prior: Any) -> None:
+        """Overwrite the parameters with the maximizer of the expected complete log-likelihood."""
+
+    def initial_counts(self, batch, generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+        """Statistics of a random start (e.g. random responsibilities), or None: start from the
+        parameters as initialized."""
+        return None
+
+    def perturb(self, scale: float, generator: torch.Generator) -> None:
+        """Jitter the parameters (between annealing phases); only annealed models need it."""
+        raise NotImplementedError(f"{type(self).__name__} does not support perturbation")
+
+
+class GeneralizedEM(ExpectedCounts):
+    """A model whose M-step is done by an optimizer on the expected complete log-likelihood."""
+
+    @abstractmethod
+    def expected_complete_log_likelihood(self, counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Q(theta) = sum of expected counts x log-probabilities (a differentiable scalar); its
+        gradient at the parameters the counts came from is that of log p(X) (Fisher's identity)."""
+
+
+class InitializedFromData(ABC):
+    """A model whose fresh parameters are set from the training data before the first epoch
+    (e.g. M10's topics from random training documents); the trainer calls it on a fresh run."""
+
+    @abstractmethod
+    def initialize_from_data(self, dataset, seed: int) -> None:
+        """Set parameters from ``dataset`` (the training split); a no-op unless configured."""

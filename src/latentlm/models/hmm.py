@@ -19,9 +19,7 @@ dynamic program's hand-written backward pass computes in one forward-backward sw
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,7 +27,7 @@ from torch import nn
 
 from latentlm.data.batching import Batch
 from latentlm.data.vocab import Vocab
-from latentlm.models.base import LatentVariableModel
+from latentlm.models.base import ClosedFormEM, EStep, GeneralizedEM, LatentVariableModel
 from latentlm.structured import LinearChainCRF, emission_scores, hmm_log_likelihood, hmm_viterbi
 
 # Token ids an HMM state never emits (the vocabulary's fixed specials).
@@ -46,7 +44,7 @@ def words_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return words, n
 
 
-class HMMBase(LatentVariableModel):
+class HMMBase(LatentVariableModel, GeneralizedEM):
     """Everything an HMM does given its three log-probability tables.
 
     Subclasses implement :meth:`log_probs`, returning ``log_init`` (K+1,), ``log_trans``
@@ -113,21 +111,27 @@ class HMMBase(LatentVariableModel):
         init, trans, unary, n = self.chain_scores(*self.log_probs(), batch)
         return LinearChainCRF(trans, unary, n, init=init)
 
-    def expected_counts(
-        self, batches: Iterable[Batch]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
-        """E-step: expected counts of (init, trans, emit) events, total log p(x), sentences seen."""
-        log_init, log_trans, log_emit = (x.detach().requires_grad_(True) for x in self.log_probs())
-        counts = [torch.zeros_like(x) for x in (log_init, log_trans, log_emit)]
-        total, sentences = 0.0, 0
-        for batch in batches:
-            ll = self._log_marginal_from(log_init, log_trans, log_emit, batch)  # (B,)
-            grads = torch.autograd.grad(ll.sum(), (log_init, log_trans, log_emit))
-            for c, g in zip(counts, grads):
-                c += g
-            total += float(ll.detach().sum(dtype=torch.float64))
-            sentences += ll.numel()
-        return counts[0], counts[1], counts[2], total, sentences
+    def expected_counts(self, batch: Batch, temperature: float | torch.Tensor = 1.0) -> EStep:
+        """E-step of a batch: expected counts of (init, trans, emit) events and log p(x) (B,).
+
+        The counts are the gradient of log p(x) with respect to the log-probability tables,
+        computed by the chain program's hand-written forward-backward pass.
+        """
+        if not (isinstance(temperature, float | int) and temperature == 1):
+            raise ValueError(f"{type(self).__name__} has no annealed E-step; remove train.em.anneal")
+        with torch.enable_grad():
+            tables = [x.detach().requires_grad_(True) for x in self.log_probs()]
+            ll = self._log_marginal_from(*tables, batch)  # (B,)
+            grads = torch.autograd.grad(ll.sum(), tables)
+        ll = ll.detach().to(torch.float64)
+        return EStep(dict(zip(("init", "trans", "emit"), grads)), ll, ll)
+
+    def expected_complete_log_likelihood(self, counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Q(theta) = sum of expected event counts x log-probabilities of the current tables."""
+        total = torch.zeros((), dtype=counts["emit"].dtype, device=counts["emit"].device)
+        for c, logp in zip((counts["init"], counts["trans"], counts["emit"]), self.log_probs()):
+            total = total + torch.where(c > 0, c * logp, 0.0).sum()  # 0 * (-inf) of never-emitted words -> 0
+        return total
 
     @torch.no_grad()
     def tag(self, batch: Batch) -> torch.Tensor:
@@ -157,8 +161,9 @@ class HMMBase(LatentVariableModel):
         return out
 
 
-class HMM(HMMBase):
-    """Classical HMM: one free logit per event, trained by :func:`fit_baum_welch` or by gradient."""
+class HMM(HMMBase, ClosedFormEM):
+    """Classical HMM: one free logit per event, trained by Baum-Welch (``train.learner: em``),
+    generalized EM or gradient."""
 
     def __init__(self, vocab_size: int, num_states: int, init_scale: float = 1.0, seed: int | None = None):
         super().__init__(vocab_size, num_states)
@@ -187,16 +192,15 @@ class HMM(HMMBase):
             # -inf logits would make log_softmax's gradient NaN; a huge negative is exact in softmax.
             p.copy_(v.clamp_min(torch.finfo(p.dtype).min / 4))
 
-    # ---- Baum-Welch ------------------------------------------------------------------
+    # ---- Baum-Welch (the ClosedFormEM capability) ---------------------------------------
 
     @torch.no_grad()
-    def m_step(
-        self, init_counts: torch.Tensor, trans_counts: torch.Tensor, emit_counts: torch.Tensor,
-        smoothing: float = 0.0, emit_smoothing: float | None = None,
-    ) -> None:
-        """Closed-form (MAP with symmetric Dirichlet(1 + smoothing)) parameters from expected counts."""
+    def m_step(self, counts: dict[str, torch.Tensor], smoothing: float = 0.0,
+               emit_smoothing: float | None = None) -> None:
+        """Closed-form (MAP with symmetric Dirichlet(1 + smoothing)) parameters from expected counts;
+        ``emit_smoothing`` (default ``smoothing``) is the emissions' pseudo-count."""
         es = smoothing if emit_smoothing is None else emit_smoothing
-        emit = (emit_counts + es).masked_fill(self.non_emitted, 0.0)
+        emit = (counts["emit"] + es).masked_fill(self.non_emitted, 0.0)
 
         def normalize(c: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
             tot = c.sum(-1, keepdim=True)
@@ -205,46 +209,29 @@ class HMM(HMMBase):
 
         old_i, old_t, old_e = self.log_probs()
         self.set_log_probs(
-            normalize(init_counts + smoothing, old_i),
-            normalize(trans_counts + smoothing, old_t),
+            normalize(counts["init"] + smoothing, old_i),
+            normalize(counts["trans"] + smoothing, old_t),
             normalize(emit, old_e),
         )
 
-    def em_step(self, batches: Iterable[Batch], smoothing: float = 0.0, emit_smoothing: float | None = None) -> float:
-        """One Baum-Welch iteration over ``batches``; returns log p(data) *before* the update."""
-        ci, ct, ce, total, _ = self.expected_counts(batches)
-        self.m_step(ci, ct, ce, smoothing, emit_smoothing)
+    @torch.no_grad()
+    def log_prior(self, smoothing: float = 0.0, emit_smoothing: float | None = None) -> float:
+        es = smoothing if emit_smoothing is None else emit_smoothing
+        log_init, log_trans, log_emit = self.log_probs()
+        total = 0.0
+        if smoothing > 0:
+            total += smoothing * float(log_init.sum(dtype=torch.float64) + log_trans.sum(dtype=torch.float64))
+        if es > 0:
+            total += es * float(log_emit.masked_fill(self.non_emitted, 0.0).sum(dtype=torch.float64))
         return total
 
-
-@dataclass
-class BaumWelchConfig:
-    iterations: int = 100
-    tol: float = 0.0              # stop when log p(data) improves by < tol nats per token
-    smoothing: float = 0.0        # pseudo-count on init and transition events
-    emit_smoothing: float | None = None  # pseudo-count on emissions (default: ``smoothing``)
-    log_every: int = 0            # print progress every this many iterations (0: silent)
-
-
-@dataclass
-class BaumWelchResult:
-    log_likelihoods: list[float]  # log p(data) before each iteration's M-step
-    seconds_per_iteration: float
-    iterations: int
-    extras: dict = field(default_factory=dict)
-
-
-def fit_baum_welch(model: HMM, batches: list[Batch], config: BaumWelchConfig | None = None) -> BaumWelchResult:
-    """Run Baum-Welch EM on fixed ``batches`` (a list, reused every iteration)."""
-    config = config or BaumWelchConfig()
-    tokens = sum(b.num_tokens for b in batches)
-    history: list[float] = []
-    start = time.perf_counter()
-    for it in range(config.iterations):
-        history.append(model.em_step(batches, config.smoothing, config.emit_smoothing))
-        if config.log_every and (it + 1) % config.log_every == 0:
-            print(f"iter {it + 1}: log p = {history[-1]:.1f}  ({-history[-1] / tokens:.4f} nats/token)", flush=True)
-        if len(history) > 1 and history[-1] - history[-2] < config.tol * tokens:
-            break
-    seconds = time.perf_counter() - start
-    return BaumWelchResult(history, seconds / max(len(history), 1), len(history))
+    def em_step(self, batches: Iterable[Batch], smoothing: float = 0.0, emit_smoothing: float | None = None) -> float:
+        """One Baum-Welch iteration over ``batches`` (what ``benchmarks/bench_baum_welch.py`` times);
+        returns log p(data) *before* the update. Training runs through ``latentlm train``."""
+        total, counts = 0.0, None
+        for batch in batches:
+            e = self.expected_counts(batch)
+            counts = e.counts if counts is None else {k: counts[k] + v for k, v in e.counts.items()}
+            total += float(e.log_likelihood.sum())
+        self.m_step(counts, smoothing, emit_smoothing)
+        return total

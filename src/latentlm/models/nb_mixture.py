@@ -14,6 +14,7 @@ them) or by gradient ascent on the exact marginal (``ExactMarginal``).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from latentlm.data.documents import BowBatch
-from latentlm.models.base import FiniteLatentModel
+from latentlm.models.base import ClosedFormEM, EStep, FiniteLatentModel
 
 
 def counts_matmul(counts: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -38,10 +39,43 @@ def counts_matmul(counts: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor
     return counts @ log_probs.t()  # (B, K)
 
 
-class NaiveBayesMixture(FiniteLatentModel):
-    """Mixture of K unigram distributions over a V-word vocabulary."""
+def responsibilities(joint: torch.Tensor, beta: float | torch.Tensor = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(beta J) (N, K), log p(x) = logsumexp J (N,) and (1/beta) logsumexp(beta J) (N,).
+
+    ``joint`` J (N, K) = log p(x, z = k) is consumed (modified in place); ``beta`` a float or
+    per-document (N,). Responsibilities below ~K * tiny become exact zeros: subnormal floats
+    would make the exp and the M-step's sparse product several times slower, for a change < 1e-36.
+    """
+    per_doc = isinstance(beta, torch.Tensor)
+    if per_doc and bool((beta == 1).all()):
+        beta, per_doc = 1.0, False
+    log_likelihood = None
+    if per_doc or beta != 1.0:
+        log_likelihood = torch.logsumexp(joint, dim=-1).to(torch.float64)
+        joint.mul_(beta.to(joint.dtype).unsqueeze(-1) if per_doc else beta)
+    # softmax and logsumexp from one exp pass: resp = exp(J - m) / s, log-normalizer m + log s
+    top = joint.amax(dim=-1, keepdim=True)              # (N, 1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf rows: no nan
+    joint.sub_(top)
+    floor = math.log(torch.finfo(joint.dtype).tiny) + math.log(joint.size(-1)) + 1.0
+    resp = joint.masked_fill_(joint < floor, -math.inf).exp_()  # (N, K) unnormalized
+    total = resp.sum(dim=-1, keepdim=True)              # (N, 1)
+    log_norm = (top + total.log()).squeeze(-1).to(torch.float64)  # (N,)
+    resp.div_(total)
+    tempered = log_norm / (beta.to(torch.float64) if per_doc else beta)
+    return resp, (tempered if log_likelihood is None else log_likelihood), tempered
+
+
+class NaiveBayesMixture(FiniteLatentModel, ClosedFormEM):
+    """Mixture of K unigram distributions over a V-word vocabulary.
+
+    Learned by closed-form EM (``train.learner: em``; deterministic annealing and Dirichlet
+    smoothing are options of the learner) or by gradient on the exact marginal.
+    """
 
     latent: ClassVar[str] = "discrete"
+    supports_annealing: ClassVar[bool] = True
     default_posterior: ClassVar[str | None] = "categorical_bow"
 
     def __init__(self, vocab_size: int, num_clusters: int, init_scale: float = 0.01):
@@ -127,6 +161,62 @@ class NaiveBayesMixture(FiniteLatentModel):
     def assign(self, batch: BowBatch) -> torch.Tensor:
         """MAP cluster of every document, (B,) long."""
         return self.log_joint(batch).argmax(-1)
+
+    # ---- EM (the ClosedFormEM capability) -------------------------------------------------
+
+    def _word_counts(self, batch: BowBatch, resp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Expected statistics of responsibilities ``resp`` (B, K): words (K, V) and clusters (K,)."""
+        counts = batch.counts.to(resp.dtype)
+        if batch.is_sparse:  # X^T R as a sparse-dense product, no dense (B, V) copy
+            words = (counts.to_sparse_coo().t() @ resp).t()  # (K, V)
+        else:
+            words = resp.t() @ counts  # (K, V)
+        return {"words": words, "clusters": resp.sum(0), "documents": torch.tensor(float(batch.size))}
+
+    @torch.no_grad()
+    def expected_counts(self, batch: BowBatch, temperature: float | torch.Tensor = 1.0) -> EStep:
+        """E-step of a batch: responsibilities ∝ p(x, z)^temperature, summarized as counts."""
+        resp, log_lik, tempered = responsibilities(self.log_joint(batch), temperature)
+        return EStep(self._word_counts(batch, resp), log_lik, tempered)
+
+    @torch.no_grad()
+    def initial_counts(self, batch: BowBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Statistics of Dirichlet(1) random responsibilities: the textbook EM start."""
+        # drawn by the (CPU) generator, then moved: the same start on any device
+        gamma = torch.empty(batch.size, self.num_clusters, dtype=torch.float64).exponential_(generator=generator)
+        return self._word_counts(batch, (gamma / gamma.sum(-1, keepdim=True)).to(self.word_logits))
+
+    @torch.no_grad()
+    def m_step(self, counts: dict[str, torch.Tensor], smoothing: float = 0.0, mixture_smoothing: float = 0.0) -> None:
+        """MAP parameters under Dirichlet(1 + smoothing) on every pi_k and Dirichlet(1 +
+        mixture_smoothing) on mu, from expected counts (``smoothing = 0``: maximum likelihood)."""
+        if smoothing < 0 or mixture_smoothing < 0:
+            raise ValueError(f"smoothing must be >= 0, got {smoothing}, {mixture_smoothing}")
+        expected = counts["words"].to(self.word_logits.dtype) + smoothing  # (K, V)
+        totals = expected.sum(-1, keepdim=True)                            # (K, 1)
+        # A cluster that lost every token (possible without smoothing) has no MLE: keep its old
+        # words; its weight mu_k = 0 makes it irrelevant to the likelihood.
+        log_words = torch.where(totals > 0, expected.log() - totals.log(), self.log_word_probs())
+        clusters = counts["clusters"].to(self.word_logits.dtype)
+        log_mix = torch.log(clusters + mixture_smoothing) - math.log(
+            float(counts["documents"]) + mixture_smoothing * self.num_clusters)
+        self.set_log_probs(log_mix, log_words)
+
+    @torch.no_grad()
+    def log_prior(self, smoothing: float = 0.0, mixture_smoothing: float = 0.0) -> float:
+        total = 0.0
+        if smoothing > 0:
+            total += smoothing * float(self.log_word_probs().sum(dtype=torch.float64))
+        if mixture_smoothing > 0:
+            total += mixture_smoothing * float(self.log_mixture().sum(dtype=torch.float64))
+        return total
+
+    @torch.no_grad()
+    def perturb(self, scale: float, generator: torch.Generator) -> None:
+        """log pi_k += scale * noise, renormalized: at small beta the symmetric solution is a
+        stable fixed point, and the jitter lets clusters split once beta passes the critical value."""
+        noise = torch.randn(self.word_logits.shape, generator=generator, dtype=torch.float64)
+        self.word_logits.copy_(torch.log_softmax(self.log_word_probs() + scale * noise.to(self.word_logits), -1))
 
     # ---- sampling --------------------------------------------------------------------
 

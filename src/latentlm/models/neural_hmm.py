@@ -11,20 +11,18 @@ alike share statistical strength and words that are spelled alike get similar em
 
 The tables do not depend on the sentence, so each batch builds them once ((K, V) and
 (K, K+1)) and runs the exact forward algorithm; training is direct gradient ascent on
-log p(x) (``ExactMarginal``), or generalized EM (:func:`fit_generalized_em`: exact expected
-counts, then gradient steps on the expected complete log-likelihood).
+log p(x) (``ExactMarginal``), or generalized EM (``train.learner: gem``: exact expected counts
+over an epoch, then a few optimizer steps on the expected complete log-likelihood, which touch
+only the (K, V) and (K, K + 1) tables, never the sentences).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from latentlm.data.batching import Batch
 from latentlm.models.hmm import HMMBase
 
 
@@ -112,60 +110,3 @@ class NeuralHMM(HMMBase):
         trans = g @ self.next_emb.t() + self.trans_bias  # (K, K+1)
         init = self.next_emb @ self.start + self.init_bias  # (K+1,)
         return torch.log_softmax(init, -1), torch.log_softmax(trans, -1), torch.log_softmax(emit, -1)
-
-
-def expected_complete_log_likelihood(
-    model: HMMBase, counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Q(theta) = sum of expected event counts x log-probabilities of the current tables.
-
-    Its gradient at the parameters the counts came from equals the gradient of log p(x)
-    (Fisher's identity), so maximizing it is a generalized M-step.
-    """
-    total = torch.zeros((), dtype=counts[0].dtype, device=counts[0].device)
-    for c, logp in zip(counts, model.log_probs()):
-        total = total + torch.where(c > 0, c * logp, 0.0).sum()  # 0 * (-inf) of never-emitted words -> 0
-    return total
-
-
-@dataclass
-class GeneralizedEMResult:
-    log_likelihoods: list[float]   # total log p(data) at each E-step (before that iteration's M-step)
-    seconds_per_iteration: float
-    iterations: int
-
-
-def fit_generalized_em(
-    model: HMMBase, batches: list[Batch], iterations: int = 100, m_steps: int = 10, lr: float = 0.01,
-    log_every: int = 0, callback: Callable[[int, float], None] | None = None,
-) -> GeneralizedEMResult:
-    """Generalized EM for any HMM whose tables come from networks (L2 for M6).
-
-    E-step: exact expected counts over all ``batches`` with the hand-written forward-backward
-    (no graph through the networks); M-step: ``m_steps`` Adam steps on the expected complete
-    log-likelihood, which touches only the (K, V) and (K, K + 1) tables, never the sentences.
-    One iteration therefore costs one pass of the dynamic program plus a few table-sized
-    network passes, instead of a network pass per minibatch.
-    """
-    tokens = sum(b.num_tokens for b in batches)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    history: list[float] = []
-    start = time.perf_counter()
-    for it in range(iterations):
-        model.eval()  # the E-step sees the deterministic tables
-        init_c, trans_c, emit_c, total, _ = model.expected_counts(batches)
-        history.append(total)
-        model.train()
-        for _ in range(m_steps):
-            loss = -expected_complete_log_likelihood(model, (init_c, trans_c, emit_c)) / tokens
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-        if log_every and (it + 1) % log_every == 0:
-            print(f"iter {it + 1}: log p = {total:.1f}  ({-total / tokens:.4f} nats/token)", flush=True)
-        if callback is not None:
-            callback(it, total)
-    seconds = time.perf_counter() - start
-    model.eval()
-    return GeneralizedEMResult(history, seconds / max(iterations, 1), iterations)

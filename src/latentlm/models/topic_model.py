@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from latentlm.models.base import LatentVariableModel
+from latentlm.data.documents import BagOfWords
+from latentlm.models.base import InitializedFromData, LatentVariableModel
 from latentlm.nn.bow import bag_of_words
 
 
@@ -31,15 +32,19 @@ def nonzero_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return rows, cols, counts[rows, cols]
 
 
-class NeuralTopicModel(LatentVariableModel):
+class NeuralTopicModel(LatentVariableModel, InitializedFromData):
     latent = "continuous"
     default_posterior = "gaussian_bow"
     #: (samples x nonzero entries x topics) floats the observed-words likelihood builds at once.
     chunk_elements = 20_000_000
 
-    def __init__(self, vocab_size: int, num_topics: int = 50, latent_dim: int = 50):
+    def __init__(self, vocab_size: int, num_topics: int = 50, latent_dim: int = 50, init_docs: int = 0,
+                 init_per_document: bool = False):
         super().__init__()
         self.vocab_size, self.latent_dim, self.num_topics = vocab_size, latent_dim, num_topics
+        # > 0: a fresh run starts each topic from this many random training documents (see
+        # init_topics_from_documents); 0: the near-uniform random init
+        self.init_docs, self.init_per_document = init_docs, init_per_document
         self.to_theta = nn.Linear(latent_dim, num_topics)
         self.topic_logits = nn.Parameter(torch.randn(num_topics, vocab_size) * 0.01)  # (K, V)
         self.register_buffer("_zeros", torch.zeros(latent_dim), persistent=False)
@@ -89,6 +94,13 @@ class NeuralTopicModel(LatentVariableModel):
             out.append(torch.zeros(log_p.size(0), B, dtype=log_p.dtype, device=log_p.device)
                        .index_add_(1, rows, log_p * vals.to(log_p.dtype)))
         return torch.cat(out)  # (S, B)
+
+    def initialize_from_data(self, dataset, seed: int) -> None:
+        """With ``init_docs`` > 0, topics from random documents of ``dataset`` (a ``BagOfWords``)."""
+        if self.init_docs > 0:
+            if not isinstance(dataset, BagOfWords):
+                raise ValueError("topic_model init_docs needs a documents dataset (data.format: documents)")
+            self.init_topics_from_documents(dataset.counts, self.init_docs, seed, per_document=self.init_per_document)
 
     @torch.no_grad()
     def init_topics_from_documents(self, counts: sp.spmatrix, docs_per_topic: int = 20, seed: int = 0,

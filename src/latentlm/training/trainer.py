@@ -14,7 +14,6 @@ import csv
 import io
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -29,32 +28,28 @@ from tqdm.auto import tqdm
 
 from latentlm.config import Config
 from latentlm.data.batching import TextDataset
-from latentlm.data.corpus import find_corpus, read_lines, split_path
+from latentlm.data.loading import load_corpus as load_data
 from latentlm.data.vocab import Vocab
 from latentlm.device import describe, module_device, resolve_device
 from latentlm.evaluation.latent import LatentStatistics
 from latentlm.evaluation.likelihood import perplexity
-from latentlm.errors import CheckpointError, ConfigError, TrainingDivergedError
+from latentlm.errors import CheckpointError, ConfigError
 from latentlm.precision import autocast
 from latentlm.system import System, build_system
+from latentlm.models.base import InitializedFromData
 from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.io import atomic_write_text, save_weights
 from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
+from latentlm.training.learners import make_learner
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
-                 "tokens_per_s", "elapsed_s"]
+                 "tokens_per_s", "elapsed_s", "beta"]
 
 
 def load_corpus(config: Config, vocab: Vocab | None = None, splits=("train", "valid", "test")):
-    """Read the corpus named in ``config.data``; build the vocabulary from train if not given."""
-    d = config.data
-    folder = find_corpus(d.name, d.data_dir)
-    limits = {"train": d.train_limit, "valid": d.valid_limit, "test": d.test_limit}
-    files = {s: read_lines(split_path(folder, s), d.max_tokens, limits[s]) for s in splits}
-    if vocab is None:
-        train = files["train"] if "train" in files else read_lines(split_path(folder, "train"), d.max_tokens, d.train_limit)
-        vocab = Vocab.build(train.lines, d.max_vocab, d.min_count)
-    return vocab, {s: TextDataset(f.lines, vocab) for s, f in files.items()}
+    """Read the corpus named in ``config.data`` (any ``data.format``); build the vocabulary from
+    train if not given. See :func:`latentlm.data.loading.load_corpus`."""
+    return load_data(config.data, vocab, splits, seed=config.seed)
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -153,7 +148,8 @@ class Trainer:
         vocab = Vocab.load(self.out / "vocab.json") if self.resume else None
         self.vocab, data = load_corpus(cfg, vocab, splits=("train", "valid"))
         self.train_set, self.valid_set = data["train"], data["valid"]
-        self.system = build_system(cfg, len(self.vocab)).to(self.device)  # before the optimizer sees the parameters
+        # on the device before the optimizer sees the parameters
+        self.system = build_system(cfg, len(self.vocab), words=self.vocab.itos).to(self.device)
         self.optimizer = make_optimizer(cfg, self.system.parameters())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
@@ -172,6 +168,17 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.system, device_ids=ids, output_device=ids[0] if ids else None)
+        self.learner = make_learner(cfg, self.system, self.optimizer, self.ddp, self.aggressive, ckpt_root)
+        if self.ckpt is not None:
+            self.learner.load_state_dict(saved.get("learner", {}))
+            if not self.learner.updates_every_step and self.state.batch_in_epoch:
+                # EM: the checkpoint's parameters are those of the epoch's start; redo its E-step
+                self.state.step -= self.state.batch_in_epoch
+                self.state.batch_in_epoch = 0
+        else:
+            if isinstance(self.system.model, InitializedFromData):
+                self.system.model.initialize_from_data(self.train_set, cfg.seed)
+            self.learner.start(self.train_set, cfg.train.batch_size)
         if self.is_main:
             if self.progress is not False:
                 tqdm.write(f"device: {describe(self.device)}" + (f" x {self.world} ranks" if self.world > 1 else ""),
@@ -233,6 +240,7 @@ class Trainer:
         extra = {"train_state": self.state.__dict__}
         if self.aggressive is not None:
             extra["aggressive"] = self.aggressive.state_dict()
+        extra["learner"] = self.learner.state_dict()
         save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self._optimizers(), extra,
                         keep=self.config.train.keep_checkpoints, rng=rng)
 
@@ -249,7 +257,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg, t, st = self.config, self.config.train, self.state
-        forward = self.ddp or self.system
+        every_step = self.learner.updates_every_step  # else (EM): checkpoints and validation at epoch ends
         self.system.train()
         start_time = time.monotonic()
         deadline = start_time + 60 * t.max_minutes if t.max_minutes else math.inf
@@ -265,29 +273,10 @@ class Trainer:
             window_tokens, window_start = 0, time.monotonic()
             while st.batch_in_epoch < len(batches):
                 batch = self.train_set.make_batch(batches[st.batch_in_epoch]).to(self.device)
-                if self.aggressive is not None and self.aggressive.active:
-                    rng = random.Random(cfg.seed * 7919 + st.step)  # encoder batches: a function of the step
-                    with autocast(t.precision, self.device):
-                        self.aggressive.train_encoder(
-                            forward, batch,
-                            lambda: self.train_set.make_batch(batches[rng.randrange(len(batches))]).to(self.device),
-                            st.step)
-                with autocast(t.precision, self.device):
-                    out = forward(batch, st.step)
+                out = self.learner.step(
+                    batch, st.step,
+                    lambda rng: self.train_set.make_batch(batches[rng.randrange(len(batches))]).to(self.device))
                 loss = out.loss
-                self.optimizer.zero_grad(set_to_none=True)
-                if torch.isfinite(loss):
-                    loss.backward()
-                    if self.aggressive is not None:
-                        self.aggressive.before_optimizer_step()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.system.parameters(), t.clip or math.inf)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    what = "loss" if not torch.isfinite(loss) else "gradient norm"
-                    raise TrainingDivergedError(
-                        f"{what} is not finite at step {st.step + 1} (epoch {st.epoch + 1}); the last good "
-                        f"checkpoint in {self.out / 'checkpoints'} is kept: resume with --resume and a lower "
-                        f"train.lr or train.clip")
-                self.optimizer.step()
                 st.step += 1
                 st.batch_in_epoch += 1
                 window_tokens += batch.num_tokens * self.world
@@ -311,9 +300,10 @@ class Trainer:
                         tqdm.write(f"step {st.step}: aggressive encoder phase over (step limit); normal training")
                 # A checkpoint holds everything this step changed: taken after the phase switch
                 # above, and after a validation that falls on this step (which checkpoints itself).
-                if t.eval_every and st.step % t.eval_every == 0:
+                # EM learners change parameters only at epoch ends: they validate and checkpoint there.
+                if every_step and t.eval_every and st.step % t.eval_every == 0:
                     self._validate_and_schedule(per_epoch=False)
-                elif st.step % t.checkpoint_every == 0:
+                elif every_step and st.step % t.checkpoint_every == 0:
                     self._checkpoint()
                 if kill_at and st.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -322,9 +312,14 @@ class Trainer:
                     break
             bar.close()
             if st.stopped is None:
+                row = self.learner.end_epoch(st.epoch)  # EM: the M-step
+                if row:
+                    self._log({"step": st.step, "epoch": st.epoch + 1, **row})
+                    if row.get("stop"):
+                        st.stopped = row["stop"]
                 st.epoch += 1
                 st.batch_in_epoch = 0
-                if not t.eval_every:
+                if not t.eval_every or not every_step:
                     self._validate_and_schedule(per_epoch=True, checkpoint=False)
                 if self.aggressive is not None and self.aggressive.active:
                     # the validation just run already measured I_q(x; z): do not redo it
@@ -332,7 +327,7 @@ class Trainer:
                     still = self.aggressive.end_epoch(self.valid_set, cfg.eval.batch_size, mi=mi)
                     if self.is_main and not still:
                         tqdm.write(f"step {st.step}: aggressive encoder phase over; normal training from here")
-                if not t.eval_every:  # after the phase decision, so the checkpoint holds it
+                if not t.eval_every or not every_step:  # after the phase decision, so the checkpoint holds it
                     self._checkpoint()
         final = self._finish()
         return final
@@ -352,7 +347,7 @@ class Trainer:
         self.scheduler.step(metrics["nll"])
         if st.bad_epochs >= t.early_stop_patience:
             st.stopped = "early stopping"
-        elif self.optimizer.param_groups[0]["lr"] < t.min_lr:
+        elif self.learner.uses_optimizer and self.optimizer.param_groups[0]["lr"] < t.min_lr:
             st.stopped = "learning rate below train.min_lr"
         if self.is_main and (per_epoch or st.stopped):
             tqdm.write(f"step {st.step}: valid nll {metrics['nll']:.3f} kl {metrics['kl']:.3f} "
