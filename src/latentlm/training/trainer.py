@@ -375,14 +375,3 @@ class Trainer:
             self._check_replicas_agree()
         return {"step": st.step, "epoch": st.epoch, "best_valid_nll": st.best_valid, "stopped": st.stopped or "epochs",
                 "device": str(self.device)}
-
-
-def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Fit ``config`` into ``out_dir``. With ``train.pretrain_encoder_epochs``, first an
-    autoencoder stage (beta = 0) whose encoder initializes the real run (decoder reset)."""
-    if config.train.pretrain_encoder_epochs:
-        from latentlm.training.pretrain import pretrain_then_train
-
-        return pretrain_then_train(config, out_dir, config.train.pretrain_encoder_epochs, resume=resume,
-                                   progress=progress)
-    return Trainer(config, out_dir, resume=resume, progress=progress).fit()
