@@ -103,3 +103,13 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [])
     assert not cycles, "import cycles:\n  " + "\n  ".join(cycles)
+
+
+def test_capabilities_are_declared_not_probed():
+    """Models, posteriors and batches declare what they can do (base classes, isinstance);
+    no `hasattr` probe decides behaviour (ARCHITECTURE.md, "Declared capabilities")."""
+    probes = [f"{p.relative_to(SRC.parent)}:{node.lineno}"
+              for p in SRC.rglob("*.py")
+              for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"]
+    assert not probes, "hasattr probes: " + ", ".join(probes)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from latentlm.data.batching import Batch
+from latentlm.data.documents import BowBatch
 from latentlm.inference.base import Posterior
 from latentlm.models.base import LatentVariableModel
 
@@ -33,7 +34,7 @@ def importance_sampled_log_marginal(
     q = posterior(batch) if q is None else q
     p = model.prior()
     if chunk is None:  # a document BowBatch has no positions: one row per document
-        positions = batch.inputs.size(1) if hasattr(batch, "inputs") else 1
+        positions = 1 if isinstance(batch, BowBatch) else batch.inputs.size(1)
         chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * positions))
     log_w = []
     for start in range(0, samples, chunk):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from latentlm.data.documents import BagOfWords
+from latentlm.data.documents import BagOfWords, BowBatch
 from latentlm.models.base import InitializedFromData, LatentVariableModel
 from latentlm.nn.bow import bag_of_words
 
@@ -64,7 +64,7 @@ class NeuralTopicModel(LatentVariableModel, InitializedFromData):
     def log_likelihood(self, batch, z: torch.Tensor) -> torch.Tensor:
         """z (S, B, D) -> (S, B). A document ``BowBatch`` (sparse or dense counts) is scored at
         its observed words only (:meth:`observed_log_likelihood`); a token batch densely."""
-        if hasattr(batch, "counts"):
+        if isinstance(batch, BowBatch):
             return self.observed_log_likelihood(batch.counts, z)
         counts = bag_of_words(batch, self.vocab_size)  # (B, V)
         return (self.word_log_probs(z) * counts).sum(-1)

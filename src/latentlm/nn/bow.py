@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from latentlm.data.documents import BowBatch
 from latentlm.data.vocab import Vocab
 from latentlm.nn.cnn_decoder import masked_token_log_probs
 
@@ -15,7 +16,7 @@ from latentlm.nn.cnn_decoder import masked_token_log_probs
 def bag_of_words(batch, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense (B, V) counts of the predicted tokens (words and ``</s>``) of a token
     :class:`~latentlm.data.batching.Batch`, or the counts of a document ``BowBatch``."""
-    if hasattr(batch, "dense_counts"):
+    if isinstance(batch, BowBatch):
         return batch.dense_counts().to(dtype)
     counts = torch.zeros(batch.size, vocab_size, dtype=dtype, device=batch.tokens.device)
     return counts.scatter_add_(1, batch.targets, batch.mask.to(dtype))

@@ -39,9 +39,7 @@ def autoencoder_config(config: Config, epochs: int) -> Config:
     ae.objective = {"type": "elbo", "samples": samples, "kl_schedule": 0.0}
     ae.train.epochs = epochs
     ae.train.max_steps = None
-    for hook in ("pretrain_encoder_epochs", "aggressive"):  # stage 1 is a plain run
-        if hasattr(ae.train, hook):
-            setattr(ae.train, hook, 0 if hook == "pretrain_encoder_epochs" else None)
+    ae.train.pretrain_encoder_epochs, ae.train.aggressive = 0, None  # stage 1 is a plain run
     return ae
 
 
