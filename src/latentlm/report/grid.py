@@ -6,7 +6,7 @@ on the test split, and write the comparison table and plots.
 Each (config, seed) is a run directory ``OUT/<config stem>/seed<s>`` trained by the one
 trainer (so a killed grid resumes: finished rows are skipped, unfinished ones continue from
 their last checkpoint) and summarized in ``result.json`` there. The report — ``grid.md``
-(mean ± std over seeds), ``grid.json``, ``kl_mi.png`` (KL and MI on the validation split over
+(mean ± sample standard deviation over seeds, n in the ``seeds`` column), ``grid.json``, ``kl_mi.png`` (KL and MI on the validation split over
 training, one line per row) and ``posterior_means.png`` (the posterior means of the test
 sentences projected to 2-D by PCA, one panel per row) — is rebuilt from the ``result.json``
 files, so ``--report-only`` redraws it without training anything.
@@ -229,7 +229,7 @@ def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per config, mean ± std over its seeds; a column no row has
+    """Markdown table: one line per config, mean ± sample sd over its n seeds; a column no row has
     (MI for discrete latents, components for continuous ones) is left out."""
     columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
     head = "| row | seeds | steps | " + " | ".join(title for _, title, _ in columns) + " |"
@@ -262,6 +262,7 @@ def write_report(out: str | Path, configs: list[str]) -> str:
     how = (f"NLL by importance sampling with {samples} samples (exact for models with a tractable marginal)"
            if samples else "NLL exact (enumeration / dynamic programming)")
     note = (f"Test split: first {first['examples']} sentences, {how}; NLL, −ELBO and KL in nats per sentence; "
+            f"± is the sample standard deviation over the row's seeds (n in the seeds column); "
             f"PPL per token incl. </s>; "
             + (f"MI and AU from the encoder over the first {latent_n} test sentences; " if latent_n else "")
             + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO.")
