@@ -138,6 +138,6 @@ def test_tag_device_option(tmp_path, tiny_corpus, capsys):
     capsys.readouterr()
     tsv = tmp_path / "gold.tsv"
     tsv.write_text("the\tDT\ncat\tNN\nsat\tVBD\n\na\tDT\ndog\tNN\n\n")
-    assert main(["tag", str(run), "--data", str(tsv), "--json", "--device", "cpu"]) == 0
+    assert main(["tag", str(run), "--data", str(tsv), "--json", "--states", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [len(s) for s in result["states"]] == [3, 2] and "many_to_one" in result
