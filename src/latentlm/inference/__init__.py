@@ -4,6 +4,7 @@ from latentlm.inference.base import (FlowPosterior, GaussianPosterior, Objective
                                      StructuredPosterior)
 from latentlm.inference.elbo import ELBO, IWAE, VIMCO
 from latentlm.inference.exact import ExactMarginal
+from latentlm.inference.mean_field import AmortizedMeanField, FactorialChains, MeanField, structured_mean_field
 from latentlm.inference.kl import free_bits, kl_per_dimension
 from latentlm.inference.posteriors import POSTERIORS, GaussianLSTMPosterior, diagonal_gaussian
 from latentlm.inference.semi_amortized import SemiAmortizedELBO
@@ -17,11 +18,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "sa_elbo": SemiAmortizedELBO,
     "svi": StochasticVI,
     "vimco": VIMCO,
+    "mean_field": MeanField,
+    "amortized_mean_field": AmortizedMeanField,
 }
 
 __all__ = [
     "Objective", "ObjectiveOutput", "Posterior", "GaussianPosterior", "FlowPosterior", "StructuredPosterior", "ELBO", "IWAE", "VIMCO", "ExactMarginal", "free_bits",
     "kl_per_dimension", "POSTERIORS", "GaussianLSTMPosterior", "diagonal_gaussian", "ConstantSchedule",
     "CyclicalSchedule", "LinearSchedule", "make_schedule", "OBJECTIVES", "SemiAmortizedELBO", "StochasticVI",
-    "amortization_gap",
+    "amortization_gap", "MeanField", "AmortizedMeanField", "FactorialChains", "structured_mean_field",
 ]

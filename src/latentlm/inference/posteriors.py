@@ -10,6 +10,7 @@ from latentlm.data.batching import Batch
 from latentlm.inference.base import GaussianPosterior, Posterior, diagonal_gaussian  # noqa: F401 (re-export)
 from latentlm.inference.bow_posterior import GaussianBOWPosterior
 from latentlm.inference.flows import FlowLSTMPosterior
+from latentlm.inference.mean_field import FactorialChainPosterior
 from latentlm.inference.svi import PerInstanceGaussian
 from latentlm.nn.bow import bag_of_words
 from latentlm.nn.encoders import LSTMEncoder
@@ -63,4 +64,5 @@ POSTERIORS: dict[str, type[Posterior]] = {
     "flow_lstm": FlowLSTMPosterior,
     "gaussian_bow": GaussianBOWPosterior,
     "per_instance_gaussian": PerInstanceGaussian,
+    "factorial_chains": FactorialChainPosterior,
 }

@@ -2,6 +2,7 @@
 
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.bow_vae import BagOfWordsVAE
+from latentlm.models.factorial_hmm import FactorialHMM
 from latentlm.models.hmm import HMM
 from latentlm.models.lstm_lm import LSTMLanguageModel
 from latentlm.models.nb_mixture import NaiveBayesMixture
@@ -19,7 +20,8 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "nb_mixture": NaiveBayesMixture,
     "hmm": HMM,
     "neural_hmm": NeuralHMM,
+    "factorial_hmm": FactorialHMM,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
-           "NaiveBayesMixture", "HMM", "NeuralHMM", "NeuralTopicModel", "MODELS"]
+           "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralTopicModel", "MODELS"]
