@@ -3,6 +3,7 @@
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.bow_vae import BagOfWordsVAE
 from latentlm.models.hmm import HMM
+from latentlm.models.hsmm import NeuralHSMM
 from latentlm.models.lstm_lm import LSTMLanguageModel
 from latentlm.models.nb_mixture import NaiveBayesMixture
 from latentlm.models.neural_hmm import NeuralHMM
@@ -19,7 +20,8 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "nb_mixture": NaiveBayesMixture,
     "hmm": HMM,
     "neural_hmm": NeuralHMM,
+    "neural_hsmm": NeuralHSMM,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
-           "NaiveBayesMixture", "HMM", "NeuralHMM", "NeuralTopicModel", "MODELS"]
+           "NaiveBayesMixture", "HMM", "NeuralHMM", "NeuralHSMM", "NeuralTopicModel", "MODELS"]
