@@ -1,4 +1,4 @@
-"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct, tag, cluster, grid, bench."""
+"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct, tag, segment, cluster, grid, bench."""
 
 from __future__ import annotations
 
@@ -175,6 +175,32 @@ def _cmd_tag(args) -> int:
     return 0
 
 
+def _cmd_segment(args) -> int:
+    """Viterbi segmentations of a hidden semi-Markov model run: ``[w w w]/k`` per segment."""
+    from latentlm.device import module_device
+    from latentlm.models.hsmm import NeuralHSMM
+    from latentlm.system import load_pretrained
+
+    system, config, vocab = load_pretrained(args.dir, device=args.device)
+    model = system.model
+    if not isinstance(model, NeuralHSMM):
+        raise LatentLMError(f"{args.dir} holds a {type(model).__name__}, which does not segment; train a neural_hsmm")
+    dataset = _tagging_data(args, config, vocab)
+    shown = range(min(args.n, len(dataset))) if args.n else range(len(dataset))
+    lines = []
+    for i0 in range(0, len(shown), args.batch_size):
+        idx = list(shown[i0 : i0 + args.batch_size])
+        batch = dataset.make_batch(idx).to(module_device(system))
+        states, durations = (x.cpu() for x in model.segment(batch))
+        for row, i in enumerate(idx):
+            words = [vocab.itos[w] for w in dataset.examples[i][1:-1].tolist()]
+            segs = [(t, int(durations[row, t]), int(states[row, t])) for t in range(len(words)) if durations[row, t] > 0]
+            lines.append({"segments": [[" ".join(words[t : t + d]), k] for t, d, k in segs]})
+    for line in lines:
+        print(json.dumps(line) if args.json else " ".join(f"[{w}]/{k}" for w, k in line["segments"]))
+    return 0
+
+
 def _final_training_objective(run: Path) -> float:
     """The last EM objective (log p(X) + log p(theta), nats per example) in a run's metrics.csv."""
     import csv
@@ -330,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tag)
+
+    p = sub.add_parser("segment", help="Viterbi segmentations of a hidden semi-Markov model (neural_hsmm) run")
+    p.add_argument("dir")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--data", help="another file instead: text (one sentence per line)")
+    p.add_argument("--data-dir")
+    p.add_argument("--tagset", choices=["upos", "xpos"], help=argparse.SUPPRESS)
+    p.add_argument("-n", type=int, default=10, help="first N sentences (0: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    _device_option(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("cluster", help="score a naive-Bayes mixture (M1) run's clusters: NMI, purity, top words")
     p.add_argument("dirs", nargs="+", metavar="RUN",

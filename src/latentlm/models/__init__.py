@@ -4,6 +4,7 @@ from latentlm.models.base import LatentVariableModel
 from latentlm.models.bow_vae import BagOfWordsVAE
 from latentlm.models.factorial_hmm import FactorialHMM
 from latentlm.models.hmm import HMM
+from latentlm.models.hsmm import NeuralHSMM
 from latentlm.models.lstm_lm import LSTMLanguageModel
 from latentlm.models.nb_mixture import NaiveBayesMixture
 from latentlm.models.neural_hmm import NeuralHMM
@@ -21,7 +22,8 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "hmm": HMM,
     "neural_hmm": NeuralHMM,
     "factorial_hmm": FactorialHMM,
+    "neural_hsmm": NeuralHSMM,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
-           "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralTopicModel", "MODELS"]
+           "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralHSMM", "NeuralTopicModel", "MODELS"]
