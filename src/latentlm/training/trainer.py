@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import math
 import os
 import signal
@@ -39,8 +40,11 @@ from latentlm.system import System, build_system
 from latentlm.models.base import InitializedFromData
 from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.io import atomic_write_text, save_weights
+from latentlm.training.collapse import CollapseWatch
 from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from latentlm.training.learners import make_learner
+
+log = logging.getLogger("latentlm")
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s", "beta"]
@@ -125,6 +129,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
         self._metrics_rows = 0
+        self.collapse = CollapseWatch()  # warns once when validation shows the posterior collapsing
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -292,8 +297,12 @@ class Trainer:
                     if out.extras and "kl_weight" in out.extras:
                         row["kl_weight"] = float(out.extras["kl_weight"])
                     self._log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row.get('kl', 0):.2f}",
-                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                    # per token: a per-sentence loss jumps with the batch's sentence lengths
+                    postfix = {"nll_tok": f"{-out.bound.sum().item() / max(1, batch.num_tokens):.3f}",
+                               "kl": f"{row.get('kl', 0):.2f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+                    if self.collapse.warned_at is not None:
+                        postfix["warn"] = "posterior collapse"
+                    bar.set_postfix(postfix)
                     window_tokens, window_start = 0, time.monotonic()
                 if self.aggressive is not None and self.aggressive.active and not self.aggressive.continue_at(st.step):
                     if self.is_main:
@@ -336,6 +345,10 @@ class Trainer:
         t, st = self.config.train, self.state
         metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
         st.validated_at, st.valid_mi = st.step, metrics.get("mi")
+        if self.system.posterior is not None and (warning := self.collapse.update(st.step, metrics)) and self.is_main:
+            log.warning(warning)
+            if self.progress is not False:
+                tqdm.write("WARNING " + warning, file=sys.stderr)
         self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
                    "lr": self.optimizer.param_groups[0]["lr"]})
         if metrics["nll"] < st.best_valid - 1e-4:
