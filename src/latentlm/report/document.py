@@ -220,20 +220,22 @@ def _run_section(report: Report, run: Path, title: str, level: int) -> None:
     report.heading(level, title, mark=f"posterior collapsed (step {collapsed})" if collapsed is not None else None)
     report.text(f"{run} — model {model}, objective {(config.get('objective') or {}).get('type', '?')}, "
                 f"posterior {(config.get('posterior') or {}).get('type') or 'none'}.")
+    latent = bool(config.get("posterior"))  # no q: KL, MI and AU do not apply ("—", no panels)
+    keys = ("nll", "kl", "mi", "au") if latent else ("nll",)
     summary = []
     if valid:
         last = valid[-1]
-        summary.append(["validation (last)", last["step"], *(_fmt(last.get(k)) for k in ("nll", "kl", "mi", "au"))])
+        summary.append(["validation (last)", last["step"], *(_fmt(last.get(k)) for k in keys)])
     result = run / "result.json"
     if result.is_file():
         r = json.loads(result.read_text(encoding="utf-8"))
         summary.append([f"test ({r.get('examples', '?')} examples)", str(r.get("steps", "")),
-                        *(_fmt(r.get(k)) for k in ("nll", "kl", "mi", "au"))])
+                        *(_fmt(r.get(k)) for k in keys)])
     if summary:
-        report.table(["split", "step", "NLL (or −ELBO)", "KL", "MI", "AU"], summary)
+        report.table(["split", "step", "NLL (or −ELBO)", *(("KL", "MI", "AU") if latent else ())], summary)
     slug = _slug("_".join(run.resolve().parts[-2:]))
     if rows:
-        png = plot_curves(rows, title)
+        png = plot_curves(rows if latent else [{**r, "kl": "", "mi": "", "au": ""} for r in rows], title)
         if png:
             report.figure(f"{slug}_curves", png, f"{title}: training loss and validation −ELBO, KL, MI, AU vs step")
     try:
