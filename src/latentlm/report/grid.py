@@ -224,7 +224,8 @@ def _run_on_ray(todo: list[GridJob], finish, address: str | None, cpus_per_task:
         raise ConfigError("grid --backend ray needs Ray: pip install 'latentlm[ray]'") from err
     started_here = not ray.is_initialized()
     if started_here:
-        env = {"OMP_NUM_THREADS": str(threads)}
+        # the driver's LATENTLM_* settings (LATENTLM_DATA, ...) reach every task, on any node
+        env = {"OMP_NUM_THREADS": str(threads), **{k: v for k, v in os.environ.items() if k.startswith("LATENTLM_")}}
         kwargs = {"address": address} if address else {"include_dashboard": False}
         ray.init(runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False, **kwargs)
     try:
