@@ -73,29 +73,50 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     """Mean per-example bound (ELBO, or exact log-likelihood) over a split; with a posterior
     also KL, the mutual information I_q(x; z) and the active units over the split, by
     :class:`~latentlm.evaluation.latent.LatentStatistics` (the one definition evaluation uses),
-    of the q each batch's bound was computed with (so KL and MI can be plotted over training)."""
+    of the q each batch's bound was computed with (so KL and MI can be plotted over training).
+
+    Under ``torch.distributed`` each rank scores every ``world``-th batch; the sums are
+    all-reduced and the posteriors gathered in batch order, so every rank returns the numbers
+    one process would (to floating-point rounding), not its own shard's."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     was_training = system.training
     system.eval()
-    total = {"nll": 0.0, "reconstruction": 0.0}
-    n = tokens = 0
-    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
     device = module_device(system)
-    for batch in dataset.batches(batch_size):
-        batch = batch.to(device)
+    sums = torch.zeros(4, dtype=torch.float64)  # -bound, -reconstruction, examples, tokens
+    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
+    shards = []  # (batch number, that batch's LatentStatistics) of this rank
+    for number, idx in enumerate(dataset.batch_indices(batch_size)):
+        if number % world != rank:
+            continue
+        batch = dataset.make_batch(idx).to(device)
         with autocast(precision, device):
             out = system(batch)
             if stats is not None:
-                stats.add(out.q if out.q is not None else
-                          system.objective.evaluation_posterior(system.model, system.posterior, batch))
-        total["nll"] -= float(out.bound.sum())
+                part = LatentStatistics(system.model.prior())
+                part.add(out.q if out.q is not None else
+                         system.objective.evaluation_posterior(system.model, system.posterior, batch))
+                shards.append((number, part))
+        sums[0] -= float(out.bound.double().sum())
         if out.reconstruction is not None:
-            total["reconstruction"] -= float(out.reconstruction.sum())
-        n += batch.size
-        tokens += batch.num_tokens
+            sums[1] -= float(out.reconstruction.double().sum())
+        sums[2] += batch.size
+        sums[3] += batch.num_tokens
     system.train(was_training)
-    out = {k: v / max(1, n) for k, v in total.items()}
+    if world > 1:
+        dist.all_reduce(sums)  # gloo/nccl: on the CPU tensor with gloo, else on the device
+        if stats is not None:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, [(n, part.state()) for n, part in shards])
+            shards = [(n, LatentStatistics.from_state(system.model.prior(), state))
+                      for rank_shards in gathered for n, state in rank_shards]
+    if stats is not None:
+        for _, part in sorted(shards, key=lambda item: item[0]):  # the one-process order
+            stats.merge(part)
+    nll, reconstruction, n, tokens = sums.tolist()
+    out = {"nll": nll / max(1, n), "reconstruction": reconstruction / max(1, n)}
     out["kl"] = 0.0
-    out["ppl_bound"] = perplexity(total["nll"], tokens)
+    out["ppl_bound"] = perplexity(nll, int(tokens))
     if stats is not None:
         latent = stats.result(seed)
         out["kl"] = latent["kl"]
@@ -271,8 +292,9 @@ class Trainer:
             st.stopped = "budget"
         while st.stopped is None and st.epoch < t.epochs:
             batches = self.train_set.batch_indices(t.batch_size, shuffle=True, seed=cfg.seed, epoch=st.epoch)
-            per_rank = len(batches) // self.world
-            batches = batches[self.rank : per_rank * self.world : self.world]
+            if self.world > 1:  # train.batch_size is the global batch: each rank takes its slice of every
+                # batch (DDP averages the ranks' gradients: the one-process step when the slices are equal)
+                batches = [idx[self.rank :: self.world] for idx in batches if len(idx) >= self.world]
             bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"epoch {st.epoch + 1}/{t.epochs}",
                        disable=not self.is_main or self.progress is False, dynamic_ncols=True, leave=False)
             window_tokens, window_start = 0, time.monotonic()
