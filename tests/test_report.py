@@ -152,3 +152,17 @@ def test_summary_is_mean_sample_sd_and_a_t_interval():
     assert format_cell(s, 2) == "2.00 ± 1.00 [-0.48, 4.48]"
     one = summarize([5.0])
     assert one["sd"] is None and one["ci95"] is None and format_cell(one, 1) == "5.0"
+
+
+# -- corpus files (rough edges a newcomer hit) ---------------------------------------------------------
+def test_a_byte_order_mark_is_stripped_and_control_characters_are_rejected_with_file_and_line(tmp_path):
+    from latentlm.data.corpus import read_lines
+    from latentlm.errors import CorpusError
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffthe cat sat\na dog\n".encode("utf-8"))
+    assert read_lines(bom).lines[0] == ["the", "cat", "sat"]
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"the cat\na d\x00og\n")
+    with pytest.raises(CorpusError, match=r"nul\.txt:2: control character '\\x00'"):
+        read_lines(nul)
