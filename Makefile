@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test bench venv clean gpu-check
+.PHONY: demo test bench venv clean gpu-check browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m latentlm.demo
 
-test: $(STAMP)
+# tests/test_report.py renders the report in headless Chromium; this installs Debian's chromium
+# when missing (root + apt), and the test itself tries the same script, else skips with the reason.
+browser:
+	-bash scripts/ensure_chromium.sh
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # On a GPU machine: CUDA-marked tests + a short PTB VAE training and evaluation on the GPU.

@@ -25,12 +25,18 @@ def trained_vae(tmp_path_factory):
 
 
 def test_evaluate_json_has_the_promised_keys(trained_vae):
-    proc = run_cli("evaluate", trained_vae, "--split", "test", "--samples", "5", "--json")
+    # the whole split unless --limit (the training config's test_limit of 60 does not apply)
+    proc = run_cli("evaluate", trained_vae, "--split", "test", "--samples", "5", "--json", "--limit", "60")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for key in ("nll", "ppl", "elbo", "kl", "mi", "au", "examples", "tokens"):
         assert key in result
     assert result["examples"] == 60 and result["nll"] > 0 and result["nll"] <= -result["elbo"] + 1.0
+
+
+def test_evaluate_says_how_many_examples_it_scored(trained_vae):
+    proc = run_cli("evaluate", trained_vae, "--split", "valid", "--samples", "2", "--limit", "7")
+    assert proc.returncode == 0 and "scored 7 examples of the valid split (--limit 7)" in proc.stderr
 
 
 def test_sample_and_interpolate(trained_vae):

@@ -66,7 +66,10 @@ def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, sampl
           f"{samples} samples)")
     print(f"| model | NLL | PPL | ELBO | KL | MI | AU |\n|---|---|---|---|---|---|---|")
     for title, r in rows:
-        print(f"| {title} | {r['nll']:.2f} | {r['ppl']:.1f} | {r['elbo']:.2f} | {r['kl']:.2f} | {r['mi']:.2f} | {r['au']} |")
+        # a model without a latent variable has no KL, MI or AU: "—", not 0
+        kl, mi, au = ((f"{r['kl']:.2f}", f"{r['mi']:.2f}", str(r["au"])) if r.get("mi") is not None
+                      else ("—", "—", "—"))
+        print(f"| {title} | {r['nll']:.2f} | {r['ppl']:.1f} | {r['elbo']:.2f} | {kl} | {mi} | {au} |")
     print("\nThree sentences sampled from the VAE's prior:")
     for line in vae_text["samples"]:
         print("  *", line)
@@ -74,6 +77,11 @@ def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, sampl
     for line in vae_text["interpolation"]:
         print("  ->", line)
     print(f"\nRuns are in {out}; try `latentlm evaluate {out / 'vae'}` or `latentlm sample {out / 'vae'} -n 5`.")
+    from latentlm.report.document import build_report
+
+    print("== writing the report of both runs ==", flush=True)
+    page = build_report([out / "lm", out / "vae"], out)
+    print(f"\nReport: {page} (open it in a browser; Markdown beside it: {page.with_suffix('.md')})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_replace(Path(path), text.encode("utf-8"))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_replace(Path(path), data)
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     _atomic_replace(Path(path), _tensor_bytes(tensors, metadata))
 

@@ -1,4 +1,5 @@
-"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct, tag, segment, cluster, grid, bench."""
+"""``latentlm`` command line: train, evaluate, sample, interpolate, reconstruct, tag, segment, cluster, grid, report,
+bench."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _load_split(directory: str, split: str, data_dir: str | None, limit: int | N
     system, config, vocab = load_pretrained(directory, device=device)
     if data_dir:
         config.data.data_dir = data_dir
-    if limit is not None:
-        setattr(config.data, f"{split}_limit", limit)
+    # the whole split unless --limit: the training config's {split}_limit (a tiny config's 60
+    # test sentences) is a training-time choice, not the evaluation's
+    setattr(config.data, f"{split}_limit", limit)
     _, data = load_corpus(config, vocab, splits=(split,))
     return system, config, vocab, data[split]
 
@@ -52,6 +54,8 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        print(f"scored {result.get('examples', len(dataset))} examples of the {args.split} split"
+              + (f" (--limit {args.limit})" if args.limit is not None else " (all of it)"), file=sys.stderr)
         for key in ("examples", "tokens", "nll", "ppl", "elbo", "ppl_bound", "kl", "mi", "au", "npmi_mean"):
             if key not in result:
                 continue
@@ -89,6 +93,12 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _generator(system, seed: int):
+    from latentlm.device import device_generator, module_device
+
+    return device_generator(seed, module_device(system))
+
+
 def _needs_posterior(system, what: str):
     if system.posterior is None:
         raise LatentLMError(f"{what} needs a model with a latent variable and an inference network")
@@ -100,7 +110,9 @@ def _cmd_interpolate(args) -> int:
 
     system, _, vocab = load_pretrained(args.dir, device=args.device)
     _needs_posterior(system, "interpolate")
-    for line in interpolate(system.model, system.posterior, vocab, args.a.split(), args.b.split(), args.steps):
+    gen = _generator(system, args.seed)
+    for line in interpolate(system.model, system.posterior, vocab, args.a.split(), args.b.split(), args.steps,
+                            max_len=args.max_len, greedy=not args.sample, generator=gen):
         print(line)
     return 0
 
@@ -112,7 +124,8 @@ def _cmd_reconstruct(args) -> int:
     system, _, vocab = load_pretrained(args.dir, device=args.device)
     _needs_posterior(system, "reconstruct")
     for src, rec in zip(args.sentences, reconstruct(system.model, system.posterior, vocab,
-                                                    [s.split() for s in args.sentences])):
+                                                    [s.split() for s in args.sentences], max_len=args.max_len,
+                                                    greedy=not args.sample, generator=_generator(system, args.seed))):
         print(f"{src}\n  -> {rec}")
     return 0
 
@@ -271,16 +284,20 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_grid(args) -> int:
+    from latentlm.report.document import build_report
     from latentlm.report.grid import run_grid, update_results_file, write_report
 
-    if args.report_only:
+    try:
+        if not args.report_only:
+            run_grid(args.configs, args.out, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+                     overrides=args.set, test_limit=args.test_limit, samples=args.samples, precision=args.precision,
+                     gap_sentences=args.gap_sentences, gap_steps=args.gap_steps, data_dir=args.data_dir,
+                     device=args.device, backend=args.backend, address=args.address,
+                     cpus_per_task=args.cpus_per_task)
+    finally:  # failed rows too: the report says which and why
         table = write_report(args.out, args.configs)
-    else:
-        run_grid(args.configs, args.out, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
-                 overrides=args.set, test_limit=args.test_limit, samples=args.samples, precision=args.precision,
-                 gap_sentences=args.gap_sentences, gap_steps=args.gap_steps, data_dir=args.data_dir,
-                 device=args.device)
-        table = write_report(args.out, args.configs)
+        if Path(args.out).is_dir():
+            print(f"[grid] report: {build_report([args.out], args.out)}", file=sys.stderr)
     if args.results:
         note = (Path(args.out) / "grid.md").read_text(encoding="utf-8") if (Path(args.out) / "grid.md").is_file() else table
         update_results_file(args.results, args.name or Path(args.out).name, note)
@@ -288,9 +305,26 @@ def _cmd_grid(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from latentlm.report.document import build_report
+
+    sources = [Path(d) for d in args.dirs]
+    out = Path(args.out) if args.out else (sources[0] if len(sources) == 1 else Path("report"))
+    page = build_report(sources, out)
+    print(f"report: {page} (and {page.with_suffix('.md')})")
+    return 0
+
+
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N (default auto)")
+
+
+def _decoding_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample", action="store_true", help="sample each word instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--max-len", type=int, help="cut a decoding after N tokens (default: twice the longest input + 5, "
+                                               "at most 50); it stops at </s> anyway")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--samples", type=int, help="importance samples per example (default: config eval.samples)")
-    p.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    p.add_argument("--limit", type=int, help="evaluate on the first N examples only (default: the whole split)")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
@@ -335,12 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--steps", type=int, default=5)
+    _decoding_options(p)
     _device_option(p)
     p.set_defaults(func=_cmd_interpolate)
 
     p = sub.add_parser("reconstruct", help="greedy decoding from the posterior mean of each sentence")
     p.add_argument("dir")
     p.add_argument("sentences", nargs="+")
+    _decoding_options(p)
     _device_option(p)
     p.set_defaults(func=_cmd_reconstruct)
 
@@ -388,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/grid", help="folder of the runs and the report")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="rows trained at once, each in its own process")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    p.add_argument("--backend", default="process", choices=["process", "ray"],
+                   help="process: a local process pool of --jobs (default); ray: each config x seed a Ray task "
+                        "(pip install 'latentlm[ray]')")
+    p.add_argument("--address", help="--backend ray: address of a running Ray cluster (default: start a local one)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="--backend ray: CPUs reserved per task")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job (and per Ray task)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row")
     p.add_argument("--test-limit", type=int, help="evaluate on the first N test sentences")
     p.add_argument("--samples", type=int, help="importance samples per sentence (default: each config's eval.samples)")
@@ -402,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="also write the table into this markdown file between grid markers")
     p.add_argument("--name", help="marker name in --results (default: the --out folder's name)")
     p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("report", help="report.md + self-contained report.html about runs and grids")
+    p.add_argument("dirs", nargs="+", metavar="RUN_OR_GRID_DIR",
+                   help="a run folder, a grid folder (latentlm grid --out), or a folder of run folders")
+    p.add_argument("--out", help="folder for report.md, report.html and figures/ (default: the one folder given, "
+                                 "else ./report)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="measurements: `latentlm bench estimators DIR` (gradient estimator study)")
     p.add_argument("what", choices=["estimators"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,10 @@ class TextFile:
         return sum(len(s) for s in self.lines)
 
 
+#: C0 controls but tab, newline and carriage return; DEL; C1 controls
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def read_utf8(path: str | os.PathLike) -> tuple[Path, str]:
     """The text of a file; a missing file or bytes that are not UTF-8 raise a
     :class:`CorpusError` naming the file and the line of the first bad byte."""
@@ -107,13 +112,20 @@ def read_utf8(path: str | os.PathLike) -> tuple[Path, str]:
         except (lzma.LZMAError, OSError, EOFError) as err:
             raise CorpusError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
     try:
-        return path, raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line_no = raw[: err.start].count(b"\n") + 1
         raise CorpusError(
             f"{path}:{line_no}: bytes that are not UTF-8 ({raw[err.start:err.start + 4]!r} at byte "
             f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first word
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        line_no = text.count("\n", 0, bad.start()) + 1
+        raise CorpusError(f"{path}:{line_no}: control character {bad.group()!r} in the text (only tab, newline and "
+                          f"carriage return are allowed); a binary or damaged file?")
+    return path, text
 
 
 def read_lines(

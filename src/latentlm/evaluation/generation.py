@@ -29,20 +29,35 @@ def encode_means(posterior, vocab: Vocab, sentences: Sequence[Sequence[str]]) ->
     return posterior(batch).mean  # (N, D)
 
 
+def decoding_cap(sentences: Sequence[Sequence[str]], max_len: int | None = None) -> int:
+    """Tokens a decoding from these sentences' codes may take before it is cut: ``max_len``
+    if given, else twice the longest input plus 5 (at most 50). Decoding stops at ``</s>``
+    anyway; the cap only bounds a decoder that repeats itself ("$ N million or $ N million ...")."""
+    if max_len is not None:
+        return max_len
+    return min(50, 2 * max((len(s) for s in sentences), default=10) + 5)
+
+
 @torch.no_grad()
-def reconstruct(model, posterior, vocab: Vocab, sentences: Sequence[Sequence[str]], max_len: int = 50) -> list[str]:
-    """Greedy decoding from the posterior mean of each sentence."""
+def reconstruct(model, posterior, vocab: Vocab, sentences: Sequence[Sequence[str]], max_len: int | None = None,
+                greedy: bool = True, generator: torch.Generator | None = None) -> list[str]:
+    """Decoding from the posterior mean of each sentence: greedy, or sampled (``greedy=False``);
+    stops at ``</s>`` or at :func:`decoding_cap`."""
     z = encode_means(posterior, vocab, sentences)
-    return _detok(vocab, model.generate(z, len(sentences), max_len=max_len, greedy=True))
+    ids = model.generate(z, len(sentences), max_len=decoding_cap(sentences, max_len), greedy=greedy,
+                         generator=generator)
+    return [" ".join(vocab.decode(row[: decoding_cap([s], max_len)])) for row, s in zip(ids.tolist(), sentences)]
 
 
 @torch.no_grad()
 def interpolate(model, posterior, vocab: Vocab, a: Sequence[str], b: Sequence[str], steps: int = 5,
-                max_len: int = 50) -> list[str]:
-    """Greedy decodings along the line between the posterior means of ``a`` and ``b``."""
+                max_len: int | None = None, greedy: bool = True, generator: torch.Generator | None = None) -> list[str]:
+    """Decodings (greedy, or sampled with ``greedy=False``) along the line between the posterior
+    means of ``a`` and ``b``; each stops at ``</s>`` or at :func:`decoding_cap`."""
     if steps < 2:
         raise ValueError(f"interpolation needs at least 2 steps, got {steps}")
     za, zb = encode_means(posterior, vocab, [a, b])
     t = torch.linspace(0, 1, steps, device=za.device)[:, None]
     z = (1 - t) * za + t * zb  # (steps, D)
-    return _detok(vocab, model.generate(z, steps, max_len=max_len, greedy=True))
+    return _detok(vocab, model.generate(z, steps, max_len=decoding_cap([a, b], max_len), greedy=greedy,
+                                        generator=generator))

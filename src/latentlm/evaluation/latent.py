@@ -116,6 +116,30 @@ class LatentStatistics:
             self.kinds.add("other")
         return kl
 
+    def state(self) -> dict[str, Any]:
+        """What ``merge`` needs, as plain CPU tensors (sent between data-parallel ranks)."""
+        return {"kl_total": self.kl_total, "examples": self.examples, "kinds": sorted(self.kinds),
+                "means": [t.cpu() for t in self.means], "logvars": [t.cpu() for t in self.logvars],
+                "probs": [t.cpu() for t in self.probs]}
+
+    @classmethod
+    def from_state(cls, prior: Distribution, state: dict[str, Any]) -> "LatentStatistics":
+        out = cls(prior)
+        out.kl_total, out.examples, out.kinds = state["kl_total"], state["examples"], set(state["kinds"])
+        out.means, out.logvars, out.probs = state["means"], state["logvars"], state["probs"]
+        return out
+
+    def merge(self, other: "LatentStatistics") -> None:
+        """Add another part of the split (examples after this one's)."""
+        self.kl_total += other.kl_total
+        self.examples += other.examples
+        self.kinds |= other.kinds
+        device = self.means[0].device if self.means else None
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        self.means += [move(t) for t in other.means]
+        self.logvars += [move(t) for t in other.logvars]
+        self.probs += other.probs
+
     def _kl(self, q: Distribution) -> torch.Tensor:
         try:
             return kl_divergence(q, self.prior)

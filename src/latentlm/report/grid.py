@@ -153,39 +153,91 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
 def run_grid(configs: list[str], out: str | Path, seeds: int = 1, jobs: int = 1, threads: int = 1,
              overrides: list[str] | None = None, test_limit: int | None = None, samples: int | None = None,
              precision: str = "bf16-mixed", gap_sentences: int = 100, gap_steps: int = 50,
-             data_dir: str | None = None, log=print, device: str | None = None) -> list[dict[str, Any]]:
+             data_dir: str | None = None, log=print, device: str | None = None, backend: str = "process",
+             address: str | None = None, cpus_per_task: float = 1.0, progress: bool = True) -> list[dict[str, Any]]:
     """Run every (config, seed) — ``jobs`` at a time, each in its own process on ``threads``
-    threads — then write the report into ``out``; returns the per-run results."""
+    threads (``backend="process"``), or each as a Ray task (``backend="ray"``: a local Ray
+    instance, or the cluster at ``address``; ``cpus_per_task`` CPUs reserved per task) — then
+    write the table and plots into ``out`` (``latentlm grid`` then adds ``report.html`` /
+    ``report.md``, :mod:`latentlm.report.document`); returns the per-run results. A failed row writes ``failed.json`` (its
+    error) in its run directory, which the table shows."""
+    from tqdm.auto import tqdm
+
+    from latentlm.io import atomic_write_text
+
     if not configs:
         raise ConfigError("grid: no config files given")
     missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         raise ConfigError(f"grid: config file(s) not found: {', '.join(missing)}")
+    if backend not in ("process", "ray"):
+        raise ConfigError(f"grid: --backend must be 'process' or 'ray', got {backend!r}")
     todo = [GridJob(str(c), s, str(out), tuple(overrides or ()), test_limit, samples, precision, gap_sentences,
                     gap_steps, threads, data_dir, device) for s in range(seeds) for c in configs]  # in the given order: list slow rows first
     results, failed = [], []
+    # one bar over every row, with tqdm's ETA; finished rows (skipped on a rerun) count at once
+    bar = tqdm(total=len(todo), desc="grid", unit="run", disable=not progress, dynamic_ncols=True)
 
     def finish(job: GridJob, call) -> None:
+        failure = run_directory(job.out, job.config, job.seed) / "failed.json"
         try:
             results.append(_announce(call(), log))
+            failure.unlink(missing_ok=True)
         except Exception as err:  # one broken row must not lose the others
-            failed.append(f"{job.config} seed {job.seed}: {type(err).__name__}: {err}")
+            message = f"{type(err).__name__}: {err}"
+            failed.append(f"{job.config} seed {job.seed}: {message}")
+            failure.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(failure, json.dumps({"config": job.config, "seed": job.seed, "error": message}))
             log(f"[grid] FAILED {failed[-1]}")
+        bar.update(1)
+        bar.set_postfix(failed=len(failed)) if failed else None
 
-    if jobs <= 1:
-        for job in todo:
-            finish(job, lambda job=job: run_job(job))
-    else:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job): job for job in todo}
-            for future in as_completed(futures):
-                finish(futures[future], future.result)
+    try:
+        if backend == "ray":
+            _run_on_ray(todo, finish, address=address, cpus_per_task=cpus_per_task, threads=threads)
+        elif jobs <= 1:
+            for job in todo:
+                finish(job, lambda job=job: run_job(job))
+        else:
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(run_job, job): job for job in todo}
+                for future in as_completed(futures):
+                    finish(futures[future], future.result)
+    finally:
+        bar.close()
     write_report(out, configs)
     if failed:
         raise GridError(f"{len(failed)} of {len(todo)} grid runs failed (the others are reported; rerun to "
                         f"resume the failed ones):\n  " + "\n  ".join(failed))
     return results
+
+
+def _run_on_ray(todo: list[GridJob], finish, address: str | None, cpus_per_task: float, threads: int) -> None:
+    """Each job a Ray task: a local Ray instance (started and stopped here) unless ``address``
+    names a running cluster. Resume is the same as the process pool's: ``run_job`` skips a row
+    with ``result.json`` and continues one with checkpoints, so the run folders must be on a
+    file system every node sees."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError("grid --backend ray needs Ray: pip install 'latentlm[ray]'") from err
+    started_here = not ray.is_initialized()
+    if started_here:
+        # the driver's LATENTLM_* settings (LATENTLM_DATA, ...) reach every task, on any node
+        env = {"OMP_NUM_THREADS": str(threads), **{k: v for k, v in os.environ.items() if k.startswith("LATENTLM_")}}
+        kwargs = {"address": address} if address else {"include_dashboard": False}
+        ray.init(runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False, **kwargs)
+    try:
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=0)(run_job)
+        pending = {task.remote(job): job for job in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            finish(pending.pop(ref), lambda ref=ref: ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 class GridError(LatentLMError):
@@ -206,44 +258,83 @@ COLUMNS = [("nll", "NLL", 2), ("ppl", "PPL", 1), ("neg_elbo", "−ELBO", 2), ("k
            ("train_minutes", "train min", 1)]
 
 
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (n - 1), n and the 95 % confidence interval of the mean
+    from Student's t with n - 1 degrees of freedom (sd and interval None for n = 1)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "sd": None, "n": n, "ci95": None}
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "n": n, "ci95": [mean - half, mean + half]}
+
+
 def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
-    """Per config (in sorted order): its label, its runs' results and their mean/std per column."""
+    """Per config (in sorted order): its label, its runs' results, the runs that failed (their
+    ``failed.json``: seed and error) and per column :func:`summarize` over the seeds."""
+    from latentlm.training.collapse import collapse_step
+
     rows = []
     for config in sorted(configs):
-        runs = [json.loads(p.read_text(encoding="utf-8"))
-                for p in sorted((Path(out) / Path(config).stem).glob("seed*/result.json"))]
-        if not runs:
+        folder = Path(out) / Path(config).stem
+        runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("seed*/result.json"))]
+        failures = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("seed*/failed.json"))
+                    if not (p.parent / "result.json").is_file()]
+        if not runs and not failures:
             continue
         stats = {}
         for run in runs:
             run["neg_elbo"] = -run["elbo"]
+            run["collapsed_at"] = collapse_step(_valid_rows(folder / f"seed{run['seed']}"))
         for key, _, _ in COLUMNS:
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
-                mean = sum(values) / len(values)
-                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-                stats[key] = (mean, std)
+                stats[key] = summarize(values)
         rows.append({"config": config, "label": run_label(config), "runs": runs, "stats": stats,
-                     "dir": str(Path(out) / Path(config).stem)})
+                     "failed": failures, "dir": str(folder)})
     return rows
 
 
+def _valid_rows(directory: Path) -> list[dict[str, str]]:
+    path = directory / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [r for r in csv.DictReader(fh) if r["split"] == "valid"]
+
+
+def format_cell(stat: dict[str, Any] | None, digits: int, interval: bool = True) -> str:
+    """``mean ± sd [lo, hi]`` (sd and the 95 % CI only for n > 1); "–" for no value."""
+    if stat is None:
+        return "–"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat["sd"] is not None:
+        text += f" ± {stat['sd']:.{digits}f}"
+        if interval:
+            lo, hi = stat["ci95"]
+            text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per config, mean ± sample sd over its n seeds; a column no row has
-    (MI for discrete latents, components for continuous ones) is left out."""
+    """Markdown table: one line per config, mean ± sample sd [95 % CI] over its n seeds, the
+    seeds whose run collapsed, and the failed seeds with their error; a column no row has (MI
+    for discrete latents, components for continuous ones) is left out."""
     columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
-    head = "| row | seeds | steps | " + " | ".join(title for _, title, _ in columns) + " |"
-    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    head = "| row | n | steps | " + " | ".join(title for _, title, _ in columns) + " | collapsed | failed |"
+    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " | --- | --- |"]
     for row in rows:
-        cells = []
-        for key, _, digits in columns:
-            if key not in row["stats"]:
-                cells.append("–")
-                continue
-            mean, std = row["stats"][key]
-            cells.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else ""))
-        steps = "/".join(sorted({str(r["steps"]) for r in row["runs"]}))
-        lines.append(f"| {row['label']} | {len(row['runs'])} | {steps} | " + " | ".join(cells) + " |")
+        cells = [format_cell(row["stats"].get(key), digits) for key, _, digits in columns]
+        steps = "/".join(sorted({str(r["steps"]) for r in row["runs"]})) or "–"
+        collapsed = [str(r["seed"]) for r in row["runs"] if r.get("collapsed_at") is not None]
+        collapsed_cell = f"{len(collapsed)}/{len(row['runs'])} (seed {', '.join(collapsed)})" if collapsed else "–"
+        failed = "; ".join(f"seed {f['seed']}: {f['error']}".replace("|", "/").replace("\n", " ")[:160]
+                           for f in row.get("failed", [])) or "–"
+        lines.append(f"| {row['label']} | {len(row['runs'])} | {steps} | " + " | ".join(cells)
+                     + f" | {collapsed_cell} | {failed} |")
     return "\n".join(lines)
 
 
@@ -254,20 +345,25 @@ def write_report(out: str | Path, configs: list[str]) -> str:
     out = Path(out)
     rows = collect(out, configs)
     table = format_table(rows)
-    if not rows:
+    if not any(row["runs"] for row in rows):
+        if rows:
+            atomic_write_text(out / "grid.md", table + "\n")
         return table
-    first = rows[0]["runs"][0]
+    first = next(row["runs"][0] for row in rows if row["runs"])
     latent_n = next((r.get("latent_examples") for row in rows for r in row["runs"] if r.get("latent_examples")), None)
     samples = max((r.get("samples") or 0) for row in rows for r in row["runs"])
     how = (f"NLL by importance sampling with {samples} samples (exact for models with a tractable marginal)"
            if samples else "NLL exact (enumeration / dynamic programming)")
     note = (f"Test split: first {first['examples']} sentences, {how}; NLL, −ELBO and KL in nats per sentence; "
-            f"± is the sample standard deviation over the row's seeds (n in the seeds column); "
+            f"mean ± sample standard deviation over the row's n seeds, [95 % confidence interval of the mean, "
+            f"Student's t with n − 1 degrees of freedom]; 'collapsed': seeds whose validation showed KL < 0.1 "
+            f"and no active unit twice in a row; "
             f"PPL per token incl. </s>; "
             + (f"MI and AU from the encoder over the first {latent_n} test sentences; " if latent_n else "")
             + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO.")
     atomic_write_text(out / "grid.md", table + "\n\n" + note + "\n")
     atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
+    rows = [row for row in rows if row["runs"]]
     plot_training_curves(rows, out / "kl_mi.png")
     plot_posterior_means(rows, out / "posterior_means.png")
     return table

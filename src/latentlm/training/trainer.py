@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import math
 import os
 import signal
@@ -39,8 +40,11 @@ from latentlm.system import System, build_system
 from latentlm.models.base import InitializedFromData
 from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.io import atomic_write_text, save_weights
+from latentlm.training.collapse import CollapseWatch
 from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from latentlm.training.learners import make_learner
+
+log = logging.getLogger("latentlm")
 
 METRIC_FIELDS = ["split", "step", "epoch", "loss", "nll", "kl", "reconstruction", "kl_weight", "mi", "au", "lr",
                  "tokens_per_s", "elapsed_s", "beta"]
@@ -69,29 +73,50 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     """Mean per-example bound (ELBO, or exact log-likelihood) over a split; with a posterior
     also KL, the mutual information I_q(x; z) and the active units over the split, by
     :class:`~latentlm.evaluation.latent.LatentStatistics` (the one definition evaluation uses),
-    of the q each batch's bound was computed with (so KL and MI can be plotted over training)."""
+    of the q each batch's bound was computed with (so KL and MI can be plotted over training).
+
+    Under ``torch.distributed`` each rank scores every ``world``-th batch; the sums are
+    all-reduced and the posteriors gathered in batch order, so every rank returns the numbers
+    one process would (to floating-point rounding), not its own shard's."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     was_training = system.training
     system.eval()
-    total = {"nll": 0.0, "reconstruction": 0.0}
-    n = tokens = 0
-    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
     device = module_device(system)
-    for batch in dataset.batches(batch_size):
-        batch = batch.to(device)
+    sums = torch.zeros(4, dtype=torch.float64)  # -bound, -reconstruction, examples, tokens
+    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
+    shards = []  # (batch number, that batch's LatentStatistics) of this rank
+    for number, idx in enumerate(dataset.batch_indices(batch_size)):
+        if number % world != rank:
+            continue
+        batch = dataset.make_batch(idx).to(device)
         with autocast(precision, device):
             out = system(batch)
             if stats is not None:
-                stats.add(out.q if out.q is not None else
-                          system.objective.evaluation_posterior(system.model, system.posterior, batch))
-        total["nll"] -= float(out.bound.sum())
+                part = LatentStatistics(system.model.prior())
+                part.add(out.q if out.q is not None else
+                         system.objective.evaluation_posterior(system.model, system.posterior, batch))
+                shards.append((number, part))
+        sums[0] -= float(out.bound.double().sum())
         if out.reconstruction is not None:
-            total["reconstruction"] -= float(out.reconstruction.sum())
-        n += batch.size
-        tokens += batch.num_tokens
+            sums[1] -= float(out.reconstruction.double().sum())
+        sums[2] += batch.size
+        sums[3] += batch.num_tokens
     system.train(was_training)
-    out = {k: v / max(1, n) for k, v in total.items()}
+    if world > 1:
+        dist.all_reduce(sums)  # gloo/nccl: on the CPU tensor with gloo, else on the device
+        if stats is not None:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, [(n, part.state()) for n, part in shards])
+            shards = [(n, LatentStatistics.from_state(system.model.prior(), state))
+                      for rank_shards in gathered for n, state in rank_shards]
+    if stats is not None:
+        for _, part in sorted(shards, key=lambda item: item[0]):  # the one-process order
+            stats.merge(part)
+    nll, reconstruction, n, tokens = sums.tolist()
+    out = {"nll": nll / max(1, n), "reconstruction": reconstruction / max(1, n)}
     out["kl"] = 0.0
-    out["ppl_bound"] = perplexity(total["nll"], tokens)
+    out["ppl_bound"] = perplexity(nll, int(tokens))
     if stats is not None:
         latent = stats.result(seed)
         out["kl"] = latent["kl"]
@@ -125,6 +150,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
         self._metrics_rows = 0
+        self.collapse = CollapseWatch()  # warns once when validation shows the posterior collapsing
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -266,8 +292,9 @@ class Trainer:
             st.stopped = "budget"
         while st.stopped is None and st.epoch < t.epochs:
             batches = self.train_set.batch_indices(t.batch_size, shuffle=True, seed=cfg.seed, epoch=st.epoch)
-            per_rank = len(batches) // self.world
-            batches = batches[self.rank : per_rank * self.world : self.world]
+            if self.world > 1:  # train.batch_size is the global batch: each rank takes its slice of every
+                # batch (DDP averages the ranks' gradients: the one-process step when the slices are equal)
+                batches = [idx[self.rank :: self.world] for idx in batches if len(idx) >= self.world]
             bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"epoch {st.epoch + 1}/{t.epochs}",
                        disable=not self.is_main or self.progress is False, dynamic_ncols=True, leave=False)
             window_tokens, window_start = 0, time.monotonic()
@@ -292,8 +319,12 @@ class Trainer:
                     if out.extras and "kl_weight" in out.extras:
                         row["kl_weight"] = float(out.extras["kl_weight"])
                     self._log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row.get('kl', 0):.2f}",
-                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                    # per token: a per-sentence loss jumps with the batch's sentence lengths
+                    postfix = {"nll_tok": f"{-out.bound.sum().item() / max(1, batch.num_tokens):.3f}",
+                               "kl": f"{row.get('kl', 0):.2f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+                    if self.collapse.warned_at is not None:
+                        postfix["warn"] = "posterior collapse"
+                    bar.set_postfix(postfix)
                     window_tokens, window_start = 0, time.monotonic()
                 if self.aggressive is not None and self.aggressive.active and not self.aggressive.continue_at(st.step):
                     if self.is_main:
@@ -336,6 +367,10 @@ class Trainer:
         t, st = self.config.train, self.state
         metrics = validate(self.system, self.valid_set, self.config.eval.batch_size, t.precision)
         st.validated_at, st.valid_mi = st.step, metrics.get("mi")
+        if self.system.posterior is not None and (warning := self.collapse.update(st.step, metrics)) and self.is_main:
+            log.warning(warning)
+            if self.progress is not False:
+                tqdm.write("WARNING " + warning, file=sys.stderr)
         self._log({"split": "valid", "step": st.step, "epoch": st.epoch, "loss": metrics["nll"], **metrics,
                    "lr": self.optimizer.param_groups[0]["lr"]})
         if metrics["nll"] < st.best_valid - 1e-4:

@@ -1,0 +1,168 @@
+"""`latentlm report`: report.md and a self-contained report.html about runs and grids, checked
+in a real browser (headless Chromium); the collapse watch; the grid's intervals."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+from latentlm.cli.main import main as cli
+from latentlm.config import load_config
+from latentlm.report.document import build_report
+from latentlm.report.grid import format_cell, summarize
+from latentlm.training import train
+from latentlm.training.collapse import REMEDIES, CollapseWatch, collapse_step, looks_collapsed
+
+BUDGET = ["train.max_steps=12", "train.eval_every=4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An LM, a sentence VAE and an HMM, a dozen steps each, in one folder, and its report."""
+    out = tmp_path_factory.mktemp("runs")
+    for name in ("tiny_lm", "tiny_vae", "tiny_hmm"):
+        train(load_config(REPO / "configs" / f"{name}.yaml", BUDGET), out / name, progress=False)
+    page = build_report([out], out / "report")
+    return out, page
+
+
+def test_report_has_a_section_per_run_with_curves_means_sentences_and_top_words(runs):
+    out, page = runs
+    md = (out / "report" / "report.md").read_text()
+    for name in ("tiny_lm", "tiny_vae", "tiny_hmm"):
+        assert f"## {name}" in md
+    assert "Samples from the prior" in md and "Reconstructions" in md and "Interpolation" in md
+    assert "Top words per state" in md
+    figures = sorted(p.name for p in (out / "report" / "figures").iterdir())
+    assert sum(f.endswith("_curves.png") for f in figures) == 3 and sum(f.endswith("_means.png") for f in figures) == 1
+    html = page.read_text()
+    # self-contained: every image inline, nothing fetched, no script
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+
+
+def test_the_command_line_writes_the_report_where_asked(runs, tmp_path, capsys):
+    out, _ = runs
+    assert cli(["report", str(out / "tiny_lm"), "--out", str(tmp_path)]) == 0
+    assert str(tmp_path / "report.html") in capsys.readouterr().out
+    assert "## tiny_lm" in (tmp_path / "report.md").read_text()
+
+
+def _chromium() -> tuple[str | None, str]:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path, ""
+    setup = subprocess.run(["bash", str(REPO / "scripts" / "ensure_chromium.sh")], capture_output=True, text=True,
+                           timeout=900)
+    if setup.returncode == 0 and setup.stdout.strip():
+        return setup.stdout.strip().splitlines()[-1], ""
+    return None, setup.stderr.strip()[-500:]
+
+
+CHECK = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(String(e.message || (e.target && e.target.src) || "error")), true);
+const consoleError = console.error;
+console.error = (...a) => { window.__errors.push(a.join(" ")); consoleError(...a); };
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const result = {images: images.length, decoded: images.filter(i => i.complete && i.naturalWidth > 0).length,
+                  widths: images.map(i => i.naturalWidth), tables: document.querySelectorAll("table").length,
+                  errors: window.__errors};
+  const pre = document.createElement("pre");
+  pre.id = "latentlm-check";
+  pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    chromium, why = _chromium()
+    if chromium is None:
+        pytest.skip(f"no Chromium and scripts/ensure_chromium.sh could not install it: {why}")
+    _, page = runs
+    # the check runs in a copy of the page (the report itself has no script)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("<head>", "<head>" + CHECK, 1))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=10000"]
+    env = {**os.environ, "HOME": str(tmp_path)}  # a profile of its own
+    dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180, env=env)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="latentlm-check">(.*?)</pre>', dom.stdout)
+    assert found, dom.stdout[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["images"] == 4 and check["decoded"] == 4, check  # every figure decoded (natural width > 0)
+    # summaries of 3 runs, the VAE's samples / reconstructions / interpolation, the HMM's top words
+    assert check["tables"] == page.read_text().count("<table>") == 7 and check["errors"] == [], check
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # the page logged nothing to the console
+    shot = REPO / "runs" / "report_screenshot.png" if os.environ.get("LATENTLM_KEEP_SCREENSHOT") else tmp_path / "shot.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    taken = subprocess.run([*flags, "--window-size=1280,4000", f"--screenshot={shot}", page.as_uri()],
+                           capture_output=True, text=True, timeout=180, env=env)
+    assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr[-2000:]
+
+
+# -- collapse ---------------------------------------------------------------------------------
+def test_collapse_watch_fires_once_after_two_collapsed_validations():
+    collapsed, alive = {"kl": 0.02, "au": 0, "mi": 0.0}, {"kl": 3.0, "au": 4, "mi": 1.0}
+    assert looks_collapsed(collapsed) and not looks_collapsed(alive)
+    assert not looks_collapsed({"kl": 0.05, "au": 1})  # one active unit: not collapsed
+    assert looks_collapsed({"kl": 0.05, "au": None, "mi": 0.001})  # categorical q: by MI
+    watch = CollapseWatch()
+    assert watch.update(10, collapsed) is None and watch.update(20, alive) is None  # not in a row
+    assert watch.update(30, collapsed) is None
+    message = watch.update(40, collapsed)
+    assert message and all(r in message for r in REMEDIES) and watch.warned_at == 40
+    assert watch.update(50, collapsed) is None  # once
+    rows = [{"step": s, **m} for s, m in ((1, alive), (2, collapsed), (3, collapsed))]
+    assert collapse_step(rows) == 3 and collapse_step(rows[:2]) is None
+
+
+def test_trainer_warns_once_in_the_log_when_validation_shows_collapse(monkeypatch, caplog, tmp_path):
+    import latentlm.training.trainer as trainer
+
+    real = trainer.validate
+
+    def collapsed(*args, **kwargs):
+        return {**real(*args, **kwargs), "kl": 0.01, "mi": 0.0, "au": 0}
+
+    monkeypatch.setattr(trainer, "validate", collapsed)
+    config = load_config(REPO / "configs" / "tiny_vae.yaml", ["train.max_steps=8", "train.eval_every=2"])
+    with caplog.at_level(logging.WARNING, logger="latentlm"):
+        train(config, tmp_path / "run", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+    assert len(warnings) == 1 and "step 4" in warnings[0] and "objective.free_bits" in warnings[0]
+
+
+# -- intervals ------------------------------------------------------------------------------------
+def test_summary_is_mean_sample_sd_and_a_t_interval():
+    s = summarize([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["sd"] == pytest.approx(1.0) and s["n"] == 3
+    half = 4.302652729911275 / 3 ** 0.5  # t_{0.975, 2} * sd / sqrt(n)
+    assert s["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert format_cell(s, 2) == "2.00 ± 1.00 [-0.48, 4.48]"
+    one = summarize([5.0])
+    assert one["sd"] is None and one["ci95"] is None and format_cell(one, 1) == "5.0"
+
+
+# -- corpus files (rough edges a newcomer hit) ---------------------------------------------------------
+def test_a_byte_order_mark_is_stripped_and_control_characters_are_rejected_with_file_and_line(tmp_path):
+    from latentlm.data.corpus import read_lines
+    from latentlm.errors import CorpusError
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffthe cat sat\na dog\n".encode("utf-8"))
+    assert read_lines(bom).lines[0] == ["the", "cat", "sat"]
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"the cat\na d\x00og\n")
+    with pytest.raises(CorpusError, match=r"nul\.txt:2: control character '\\x00'"):
+        read_lines(nul)
