@@ -4,6 +4,7 @@ from latentlm.models.base import LatentVariableModel
 from latentlm.models.bow_vae import BagOfWordsVAE
 from latentlm.models.hmm import HMM
 from latentlm.models.lstm_lm import LSTMLanguageModel
+from latentlm.models.lstm_tag_chain import LSTMTagChain
 from latentlm.models.nb_mixture import NaiveBayesMixture
 from latentlm.models.neural_hmm import NeuralHMM
 from latentlm.models.rnn_mixture import MixtureOfRNNLMs
@@ -19,7 +20,8 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "nb_mixture": NaiveBayesMixture,
     "hmm": HMM,
     "neural_hmm": NeuralHMM,
+    "lstm_tag_chain": LSTMTagChain,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
-           "NaiveBayesMixture", "HMM", "NeuralHMM", "NeuralTopicModel", "MODELS"]
+           "NaiveBayesMixture", "HMM", "NeuralHMM", "LSTMTagChain", "NeuralTopicModel", "MODELS"]
