@@ -48,10 +48,13 @@ class System(nn.Module):
         return self.objective(self.model, self.posterior, batch, step)
 
 
-def build_posterior(spec: dict, model: LatentVariableModel, vocab_size: int) -> Posterior:
+def build_posterior(spec: dict, model: LatentVariableModel, vocab_size: int,
+                    words: list[str] | None = None) -> Posterior:
     """A posterior q(z | x) of family ``spec["type"]`` (a ``posterior`` config section) for
-    ``model``: the family gets the vocabulary size and the model's ``latent_dim`` if it names them."""
-    return _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size, latent_dim=model.latent_dim)
+    ``model``: the family gets the vocabulary size, the model's ``latent_dim`` and the
+    vocabulary's ``words`` (for a character CNN) if it names them."""
+    return _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size, latent_dim=model.latent_dim,
+                      words=words)
 
 
 def build_system(config: Config, vocab_size: int, words: list[str] | None = None) -> System:
@@ -65,7 +68,7 @@ def build_system(config: Config, vocab_size: int, words: list[str] | None = None
             raise ConfigError(
                 f"objective {config.objective['type']!r} needs a posterior, and model "
                 f"{config.model['type']!r} has no latent variable")
-        posterior = build_posterior(spec, model, vocab_size)
+        posterior = build_posterior(spec, model, vocab_size, words)
     objective.check(model, posterior)  # a pairing the objective cannot learn correctly fails here
     return System(model, posterior, objective)
 

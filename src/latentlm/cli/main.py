@@ -157,19 +157,31 @@ def _cmd_tag(args) -> int:
     from latentlm.data.loading import TaggedDataset
     from latentlm.device import module_device
     from latentlm.evaluation.tagging import tagging_scores
+    import torch
+
+    from latentlm.inference.base import StructuredPosterior
     from latentlm.models.hmm import HMMBase
+    from latentlm.structured import LinearChainCRF
     from latentlm.system import load_pretrained
 
     system, config, vocab = load_pretrained(args.dir, device=args.device)
     device = module_device(system)
     model = system.model
-    if not isinstance(model, HMMBase):
-        raise LatentLMError(f"{args.dir} holds a {type(model).__name__}, which does not tag; train an hmm or neural_hmm")
+    if not (isinstance(model, HMMBase) or isinstance(system.posterior, StructuredPosterior)):
+        raise LatentLMError(f"{args.dir} holds a {type(model).__name__} without a chain posterior, which does not "
+                            f"tag; train an hmm, neural_hmm or lstm_tag_chain")
     dataset = _tagging_data(args, config, vocab)
     states: list[list[int]] = [[] for _ in range(len(dataset))]
     for idx in dataset.batch_indices(args.batch_size):
         batch = dataset.make_batch(idx).to(device)
-        tags = model.tag(batch).cpu()  # (B, N)
+        if isinstance(model, HMMBase):  # Viterbi under the model's exact posterior
+            tags = model.tag(batch).cpu()  # (B, N)
+        else:  # Viterbi under the amortized q(z | x) (M7: p(z | x) has no chain form)
+            with torch.no_grad():
+                q = system.posterior(batch)
+            if not isinstance(q, LinearChainCRF):
+                raise LatentLMError(f"{args.dir}: posterior {type(q).__name__} is not a chain; cannot tag")
+            tags = q.argmax.cpu()  # (B, N)
         n = (batch.lengths - 1).tolist()
         for row, i in enumerate(idx):
             states[i] = tags[row, : n[row]].tolist()
@@ -380,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser("tag", help="tag sentences with an HMM run's Viterbi states; M-1, 1-1, V-measure vs gold tags")
+    p = sub.add_parser("tag", help="tag sentences with the Viterbi states of an HMM run (or of q for lstm_tag_chain); M-1, 1-1, V-measure vs gold tags")
     p.add_argument("dir")
     p.add_argument("--split", default="train", choices=["train", "valid", "test"],
                    help="split of the run's data (default train: tag induction scores the sentences it fit)")

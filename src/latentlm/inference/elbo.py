@@ -49,23 +49,27 @@ class ELBO(Objective):
         if self.free_bits > 0 and self.free_bits_per_dimension and isinstance(posterior, FlowPosterior):
             raise ConfigError(_PER_DIMENSION_REFUSED.format(type(posterior).__name__))
 
-    def _mode(self, posterior, q, p) -> str:
+    def _mode(self, posterior, q, p) -> tuple[str, torch.Tensor | None]:
+        """(the KL mode, the closed-form KL when ``auto`` had to compute it to decide)."""
         if self.kl_mode != "auto":
-            return self.kl_mode
+            return self.kl_mode, None
         try:
-            kl_divergence(q, p)
-            return "analytic"
+            return "analytic", kl_divergence(q, p)  # kept: a chain's closed form costs a DP
         except NotImplementedError:
-            return "entropy" if isinstance(posterior, StructuredPosterior) else "sampled"
+            return ("entropy" if isinstance(posterior, StructuredPosterior) else "sampled"), None
 
     def forward(self, model, posterior, batch, step: int = 0) -> ObjectiveOutput:
         q, p = posterior(batch), model.prior()
         beta = self.kl_schedule(step)
-        mode = self._mode(posterior, q, p)
+        mode, kl_known = self._mode(posterior, q, p)
         per_dimension = self.free_bits > 0 and self.free_bits_per_dimension
         if mode == "analytic":
             kl_dims = kl_per_dimension(q, p)  # (B, D) or None
-            if kl_dims is None:
+            if kl_dims is None and kl_known is not None:
+                kl = kl_known
+                if per_dimension and len(q.event_shape) > 0:
+                    raise ConfigError(_PER_DIMENSION_REFUSED.format(type(posterior).__name__))
+            elif kl_dims is None:
                 try:
                     kl = kl_divergence(q, p)
                 except NotImplementedError:

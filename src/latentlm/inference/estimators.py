@@ -33,6 +33,8 @@ from latentlm.data.batching import Batch
 from latentlm.errors import ConfigError
 from latentlm.models.base import FiniteLatentModel, LatentVariableModel
 from latentlm.nn.bow import bag_of_words
+from latentlm.structured import LinearChainCRF
+from latentlm.structured.relaxed import perturb_and_map, relaxed_ffbs
 
 
 @dataclass
@@ -141,10 +143,13 @@ class ScoreFunction(Estimator):
     ``baseline``: ``none``; ``moving_average`` (exponential average of the learning
     signal, a buffer); ``learned`` (B(x; psi) fit by squared error to the signal);
     ``leave_one_out`` (S >= 2 samples, each baselined by the mean of the others — the
-    multi-sample baseline of Kool et al. 2019 / Mnih & Rezende 2016).
+    multi-sample baseline of Kool et al. 2019 / Mnih & Rezende 2016); ``self_critic`` (the
+    learning signal at q's most likely z — the Viterbi path of a chain CRF, the argmax of a
+    categorical — as in self-critical sequence training, Rennie et al. 2017: one more decoder
+    pass, unbiased because that z does not depend on the samples).
     """
 
-    BASELINES = ("none", "moving_average", "learned", "leave_one_out")
+    BASELINES = ("none", "moving_average", "learned", "leave_one_out", "self_critic")
 
     def __init__(self, baseline: str = "none", decay: float = 0.99, vocab_size: int | None = None):
         super().__init__()
@@ -176,11 +181,26 @@ class ScoreFunction(Estimator):
             pred = self.network(batch)  # (B,)
             b = pred.detach().expand_as(signal)
             extra = zero_valued(((signal - pred) ** 2).mean())
+        elif self.baseline == "self_critic":
+            with torch.no_grad():
+                z_map = _most_likely(q)[None]  # (1, B, ...)
+                log_q_map = q.log_prob(z_map) if kl is not None and kl.entropy is None else None
+                b = _integrand(model, batch, z_map, log_q_map, kl)[3].expand_as(signal)
         else:  # leave_one_out
             b = (signal.sum(0, keepdim=True) - signal) / (samples - 1)
         surrogate = (g + zero_valued((signal - b) * log_q)).mean(0)  # value: g; gradient: the estimator
         return Estimate(ll.mean(0), surrogate, z, extra, log_q,
                         kl=None if kl_samples is None else kl_samples.mean(0))
+
+
+def _most_likely(q: Distribution) -> torch.Tensor:
+    """The mode of q, (B, ...): a chain CRF's Viterbi path, a categorical's argmax."""
+    if isinstance(q, LinearChainCRF):
+        return q.argmax
+    if isinstance(q, Categorical):
+        return q.logits.argmax(-1)
+    raise ConfigError(f"the self-critic baseline needs q's most likely z; {type(q).__name__} has no mode here "
+                      f"(use a categorical or chain-CRF posterior, or another baseline)")
 
 
 class GumbelSoftmax(Estimator):
@@ -222,6 +242,55 @@ class GumbelSoftmax(Estimator):
         return Estimate(value.detach(), value.detach() + zero_valued(relaxed_ll), soft)
 
 
+class GumbelCRF(Estimator):
+    """Relaxed pathwise gradient through a chain-CRF q (the Gumbel-CRF of Fu et al. 2020):
+    ``method: ffbs`` relaxes forward-filtering backward-sampling (each backward step a
+    Gumbel-softmax at temperature tau of the exact conditional given the hard next tag);
+    ``method: perturb_and_map`` uses the marginals at temperature tau of the chain with
+    Gumbel-perturbed unary scores (Papandreou & Yuille 2011). tau anneals as in
+    :class:`GumbelSoftmax`; ``straight_through`` evaluates the decoder at the hard path and
+    differentiates through the relaxed one. The model must accept relaxed paths (S, B, T, K).
+
+    The KL must be closed form (``objective.kl: analytic`` or ``auto`` with a chain prior whose
+    KL from the CRF is registered): the relaxed z has no prior log-probability. The reported
+    value is E_q log p(x | z) at exact samples of q — ffbs's hard path is one; perturb-and-MAP's
+    is not, so it draws exact samples for the value — never the relaxed one.
+    """
+
+    METHODS = ("ffbs", "perturb_and_map")
+
+    def __init__(self, method: str = "ffbs", temperature: float = 1.0, min_temperature: float = 0.1,
+                 anneal_rate: float = 0.0, straight_through: bool = False):
+        super().__init__()
+        if method not in self.METHODS:
+            raise ConfigError(f"gumbel_crf method {method!r} unknown; choose one of {self.METHODS}")
+        self.method, self.straight_through = method, straight_through
+        self.temperature, self.min_temperature, self.anneal_rate = temperature, min_temperature, anneal_rate
+
+    def tau(self, step: int) -> float:
+        return max(self.min_temperature, self.temperature * float(torch.exp(torch.tensor(-self.anneal_rate * step))))
+
+    def forward(self, model, q, batch, samples, step=0, kl=None):
+        if not isinstance(q, LinearChainCRF):
+            raise ConfigError(f"the Gumbel-CRF estimator needs a chain-CRF q, got {type(q).__name__}")
+        if kl is not None:
+            raise ConfigError("the Gumbel-CRF estimator needs the KL in closed form (objective.kl: analytic, with "
+                              "a chain prior such as lstm_tag_chain's); a relaxed path has no log p(z)")
+        if not torch.is_grad_enabled():  # nothing to differentiate: only the true value
+            z = q.sample((samples,))
+            ll = model.log_likelihood(batch, z).mean(0)
+            return Estimate(ll, ll, z)
+        relax = relaxed_ffbs if self.method == "ffbs" else perturb_and_map
+        hard, soft = relax(q.init, q.potentials, q.unary, q.lengths, samples, self.tau(step))
+        exact = hard.detach() if self.method == "ffbs" else q.sample((samples,))
+        K = soft.size(-1)
+        one_hot = lambda z: F.one_hot(z.clamp_min(0), K).to(soft.dtype) * (z >= 0)[..., None]  # noqa: E731
+        z = one_hot(hard) + zero_valued(soft) if self.straight_through else soft
+        both = model.log_likelihood(batch, torch.cat([one_hot(exact), z]))  # one decoder pass for both
+        value, relaxed_ll = both[:samples].mean(0), both[samples:].mean(0)
+        return Estimate(value.detach(), value.detach() + zero_valued(relaxed_ll), exact)
+
+
 def make_estimator(spec, vocab_size: int | None = None) -> Estimator:
     """``"reparam"`` or ``{"type": "score_function", "baseline": "learned"}`` -> estimator."""
     spec = {"type": spec} if isinstance(spec, str) else dict(spec)
@@ -243,4 +312,5 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "enumerate": Enumeration,
     "score_function": ScoreFunction,
     "gumbel": GumbelSoftmax,
+    "gumbel_crf": GumbelCRF,
 }

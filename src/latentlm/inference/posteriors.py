@@ -9,6 +9,7 @@ from torch.distributions import Categorical
 from latentlm.data.batching import Batch
 from latentlm.inference.base import GaussianPosterior, Posterior, diagonal_gaussian  # noqa: F401 (re-export)
 from latentlm.inference.bow_posterior import GaussianBOWPosterior
+from latentlm.inference.crf_posterior import CRFBiLSTMPosterior
 from latentlm.inference.flows import FlowLSTMPosterior
 from latentlm.inference.mean_field import FactorialChainPosterior
 from latentlm.inference.svi import PerInstanceGaussian
@@ -61,6 +62,7 @@ POSTERIORS: dict[str, type[Posterior]] = {
     "categorical_bow": CategoricalBowPosterior,
     "gaussian_lstm": GaussianLSTMPosterior,
     "categorical_lstm": CategoricalLSTMPosterior,
+    "crf_bilstm": CRFBiLSTMPosterior,
     "flow_lstm": FlowLSTMPosterior,
     "gaussian_bow": GaussianBOWPosterior,
     "per_instance_gaussian": PerInstanceGaussian,

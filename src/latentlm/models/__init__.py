@@ -6,6 +6,7 @@ from latentlm.models.factorial_hmm import FactorialHMM
 from latentlm.models.hmm import HMM
 from latentlm.models.hsmm import NeuralHSMM
 from latentlm.models.lstm_lm import LSTMLanguageModel
+from latentlm.models.lstm_tag_chain import LSTMTagChain
 from latentlm.models.nb_mixture import NaiveBayesMixture
 from latentlm.models.neural_hmm import NeuralHMM
 from latentlm.models.rnn_mixture import MixtureOfRNNLMs
@@ -23,7 +24,9 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "neural_hmm": NeuralHMM,
     "factorial_hmm": FactorialHMM,
     "neural_hsmm": NeuralHSMM,
+    "lstm_tag_chain": LSTMTagChain,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
-           "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralHSMM", "NeuralTopicModel", "MODELS"]
+           "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralHSMM", "LSTMTagChain", "NeuralTopicModel",
+           "MODELS"]
