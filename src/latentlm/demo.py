@@ -64,7 +64,7 @@ def run(out: Path, lm_minutes: float, vae_minutes: float, test_limit: int, sampl
     print()
     print(f"PTB test, first {test_limit} sentences (NLL in nats per sentence; VAE NLL by importance sampling, "
           f"{samples} samples)")
-    print(f"| model | NLL | PPL | ELBO | KL | MI | AU |\n|---|---|---|---|---|---|---|")
+    print("| model | NLL | PPL | ELBO | KL | MI | AU |\n|---|---|---|---|---|---|---|")
     for title, r in rows:
         # a model without a latent variable has no KL, MI or AU: "—", not 0
         kl, mi, au = ((f"{r['kl']:.2f}", f"{r['mi']:.2f}", str(r["au"])) if r.get("mi") is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from latentlm.data.corpus import read_utf8
 from latentlm.errors import CorpusError
