@@ -21,7 +21,19 @@ def _cmd_train(args) -> int:
     if args.device:
         config.train.device = args.device
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    summary = train(config, out, resume=args.resume, progress=None if not args.quiet else False)
+    import torch.distributed as dist
+
+    try:
+        summary = train(config, out, resume=args.resume, progress=None if not args.quiet else False)
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        # Under torchrun: every rank reaches this barrier, then the process group is torn down
+        # before the interpreter exits (a live gloo group at exit can abort with std::terminate).
+        dist.barrier()
+        dist.destroy_process_group()
     print(json.dumps({"out": out, **summary}))
     return 0
 
