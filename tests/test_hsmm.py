@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from enumeration import compositions
 
 from latentlm.cli.main import main
 from latentlm.data.batching import TextDataset
@@ -18,13 +19,6 @@ from latentlm.models.hsmm import NeuralHSMM
 SENTENCES = ["the dog runs".split(), "a cat".split(), "the big dog runs fast".split(), "dogs".split()]
 
 
-def compositions(n, D):
-    if n == 0:
-        yield ()
-        return
-    for d in range(1, min(D, n) + 1):
-        for rest in compositions(n - d, D):
-            yield (d,) + rest
 
 
 @pytest.mark.parametrize("context", [False, True])

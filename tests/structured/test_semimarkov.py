@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from enumeration import compositions
 
 from latentlm.structured import (
     ReferenceSemiMarkov,
@@ -20,14 +21,6 @@ from latentlm.structured import (
 )
 
 
-def compositions(n: int, D: int):
-    """All ways to write n as an ordered sum of parts in 1..D."""
-    if n == 0:
-        yield ()
-        return
-    for d in range(1, min(D, n) + 1):
-        for rest in compositions(n - d, D):
-            yield (d,) + rest
 
 
 def segmentations(n: int, D: int, K: int):

@@ -97,9 +97,15 @@ def check_chain(
             )
     if K < 1:
         raise ValueError(f"need at least one state, got unary {tuple(unary.shape)}")
+    return check_lengths(lengths, B, T, unary.device)
+
+
+def check_lengths(lengths, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """``lengths`` as a (B,) long tensor in [0, T] on ``device`` (all T when None); a clear
+    ValueError otherwise. Shared by the chain and the semi-Markov programs."""
     if lengths is None:
-        return torch.full((B,), T, dtype=torch.long, device=unary.device)
-    lengths = torch.as_tensor(lengths, device=unary.device)
+        return torch.full((B,), T, dtype=torch.long, device=device)
+    lengths = torch.as_tensor(lengths, device=device)
     if lengths.shape != (B,) or lengths.is_floating_point():
         raise ValueError(f"lengths must be (B,) = ({B},) integers, got {tuple(lengths.shape)} {lengths.dtype}")
     lengths = lengths.long()

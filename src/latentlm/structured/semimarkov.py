@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from latentlm.structured._engine import log_matvec, max_matvec
+from latentlm.structured._engine import check_lengths, log_matvec, max_matvec
 
 
 def check_semimarkov(init: torch.Tensor | None, trans: torch.Tensor, seg: torch.Tensor,
@@ -61,15 +61,7 @@ def check_semimarkov(init: torch.Tensor | None, trans: torch.Tensor, seg: torch.
     for x in [trans] + ([init] if init is not None else []):
         if x.dtype != seg.dtype or x.device != seg.device:
             raise ValueError(f"all scores must share dtype and device; got {x.dtype}/{x.device} and {seg.dtype}/{seg.device}")
-    if lengths is None:
-        return torch.full((B,), T, dtype=torch.long, device=seg.device)
-    lengths = torch.as_tensor(lengths, device=seg.device)
-    if lengths.shape != (B,) or lengths.is_floating_point():
-        raise ValueError(f"lengths must be (B,) = ({B},) integers, got {tuple(lengths.shape)} {lengths.dtype}")
-    lengths = lengths.long()
-    if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must lie in [0, T={T}], got min {int(lengths.min())} max {int(lengths.max())}")
-    return lengths
+    return check_lengths(lengths, B, T, seg.device)
 
 
 def _safe_amax(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
