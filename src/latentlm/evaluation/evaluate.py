@@ -85,7 +85,9 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     device = module_device(system)
     torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
-    stats = LatentStatistics(model.prior()) if posterior is not None else None
+    # q(z | x) is scored wherever there is one: the encoder's, or (no encoder, no exact marginal:
+    # e.g. structured mean field on a factorial HMM too large to enumerate) the objective's own
+    stats = LatentStatistics(model.prior()) if posterior is not None or not model.has_exact_marginal else None
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
     autocast(precision, device)  # an unknown precision fails here, before any work
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
