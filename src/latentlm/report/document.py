@@ -21,7 +21,6 @@ HMMs and mixtures.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -197,22 +196,15 @@ def _grid_section(report: Report, folder: Path, stems: list[str]) -> None:
 
 
 # -- one run ----------------------------------------------------------------------------------
-def _metrics(run: Path) -> list[dict[str, str]]:
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "run"
 
 
 def _run_section(report: Report, run: Path, title: str, level: int) -> None:
+    from latentlm.report.grid import read_metrics
     from latentlm.training.collapse import collapse_step
 
-    rows = _metrics(run)
+    rows = read_metrics(run)
     valid = [r for r in rows if r["split"] == "valid"]
     collapsed = collapse_step(valid)
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
@@ -407,13 +399,13 @@ def plot_means(means, title: str) -> bytes:
     import matplotlib.pyplot as plt
     import torch
 
-    centered = means - means.mean(0)
+    from latentlm.report.grid import principal_plane
+
     if means.size(1) >= 2:
-        _, s, v = torch.linalg.svd(centered, full_matrices=False)
-        xy = centered @ v[:2].T
+        xy, _ = principal_plane(means)
         x, y, labels = xy[:, 0], xy[:, 1], ("PC1", "PC2")
     else:
-        x, y, labels = torch.arange(len(means)).float(), centered[:, 0], ("sentence", "z")
+        x, y, labels = torch.arange(len(means)).float(), means[:, 0] - means[:, 0].mean(), ("sentence", "z")
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
     ax.scatter(x.numpy(), y.numpy(), s=4, alpha=0.5)
     ax.set(xlabel=labels[0], ylabel=labels[1])

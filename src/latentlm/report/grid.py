@@ -288,7 +288,7 @@ def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
         stats = {}
         for run in runs:
             run["neg_elbo"] = -run["elbo"]
-            run["collapsed_at"] = collapse_step(_valid_rows(folder / f"seed{run['seed']}"))
+            run["collapsed_at"] = collapse_step(read_metrics(folder / f"seed{run['seed']}", "valid"))
         for key, _, _ in COLUMNS:
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
@@ -298,12 +298,23 @@ def collect(out: str | Path, configs: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _valid_rows(directory: Path) -> list[dict[str, str]]:
-    path = directory / "metrics.csv"
+def read_metrics(directory: Path, split: str | None = None) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, in order (only ``split``'s when given); [] without one."""
+    path = Path(directory) / "metrics.csv"
     if not path.is_file():
         return []
     with path.open(encoding="utf-8") as fh:
-        return [r for r in csv.DictReader(fh) if r["split"] == "valid"]
+        return [r for r in csv.DictReader(fh) if split is None or r["split"] == split]
+
+
+def principal_plane(means):
+    """Centered means (N, D), D >= 2, on their first two principal components: (N, 2) and the
+    singular values."""
+    import torch
+
+    centered = means - means.mean(0)
+    _, s, v = torch.linalg.svd(centered, full_matrices=False)
+    return centered @ v[:2].T, s
 
 
 def format_cell(stat: dict[str, Any] | None, digits: int, interval: bool = True) -> str:
@@ -387,16 +398,8 @@ def update_results_file(path: str | Path, name: str, text: str) -> None:
 
 
 def _validation_curves(directory: Path) -> tuple[list[int], list[float], list[float]]:
-    steps, kls, mis = [], [], []
-    path = directory / "metrics.csv"
-    if path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            for r in csv.DictReader(fh):
-                if r["split"] == "valid" and r.get("kl") and r.get("mi"):
-                    steps.append(int(r["step"]))
-                    kls.append(float(r["kl"]))
-                    mis.append(float(r["mi"]))
-    return steps, kls, mis
+    rows = [r for r in read_metrics(directory, "valid") if r.get("kl") and r.get("mi")]
+    return [int(r["step"]) for r in rows], [float(r["kl"]) for r in rows], [float(r["mi"]) for r in rows]
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -438,7 +441,6 @@ def plot_posterior_means(rows: list[dict[str, Any]], path: Path, limit: int = 10
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
     from safetensors.torch import load_file
 
     panels = []
@@ -454,9 +456,7 @@ def plot_posterior_means(rows: list[dict[str, Any]], path: Path, limit: int = 10
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (label, means) in zip(axes.flat, panels):
-        centered = means - means.mean(0)
-        _, s, v = torch.linalg.svd(centered, full_matrices=False)
-        xy = centered @ v[:2].T
+        xy, s = principal_plane(means)
         ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.5)
         spread = float(s[0] ** 2 / max(1, len(means) - 1))
         ax.set_title(f"{label}\nvar(PC1) = {spread:.3g}", fontsize=8)

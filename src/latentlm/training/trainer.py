@@ -2,8 +2,8 @@
 
 Plain PyTorch with ``torch.distributed`` for data parallelism: launched by ``torchrun``
 (``WORLD_SIZE`` > 1) the system is wrapped in DistributedDataParallel (nccl when the
-tensors are on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU) and each rank takes
-every ``world``-th batch. Rank 0 alone writes checkpoints, metrics and the progress bar.
+tensors are on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU); ``train.batch_size`` is
+the global batch and each rank takes its slice of every batch. Rank 0 alone writes checkpoints, metrics and the progress bar.
 ``train.device`` (auto | cpu | cuda | cuda:N) says where the system and its batches live.
 """
 
