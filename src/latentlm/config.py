@@ -28,7 +28,9 @@ class DataConfig:
     train_limit: int | None = None     # first N training lines only (demo / quick runs)
     valid_limit: int | None = None
     test_limit: int | None = None
-    format: str = "text"               # text | documents (jsonl -> bag of words) | tagged (tsv / CoNLL-U)
+    format: str = "text"               # text | documents (jsonl -> bag of words) | tagged (tsv / CoNLL-U) | parallel
+    source_lang: str = "de"            # parallel: {split}.{source_lang} translates to {split}.{target_lang}
+    target_lang: str = "en"
     files: dict[str, str] | None = None  # split -> file (relative to the corpus folder, or absolute)
     valid_fraction: float = 0.0        # >0: carve the valid split from train (rows chosen by the seed)
     lowercase: bool = False            # text / tagged: lower-case every token
@@ -72,6 +74,8 @@ class EvalConfig:
     samples: int = 500                 # importance samples per example for log p(x)
     batch_size: int = 50
     seed: int = 1234
+    beam: int = 5                      # translation models: beam size for BLEU (length-normalized scores)
+    max_decode_len: int = 80           # translation models: longest output (tokens)
 
 
 @dataclass

@@ -49,17 +49,20 @@ class System(nn.Module):
 
 
 def build_posterior(spec: dict, model: LatentVariableModel, vocab_size: int,
-                    words: list[str] | None = None) -> Posterior:
+                    words: list[str] | None = None, source_vocab_size: int | None = None) -> Posterior:
     """A posterior q(z | x) of family ``spec["type"]`` (a ``posterior`` config section) for
     ``model``: the family gets the vocabulary size, the model's ``latent_dim`` and the
     vocabulary's ``words`` (for a character CNN) if it names them."""
     return _construct(POSTERIORS, spec, "posterior", vocab_size=vocab_size, latent_dim=model.latent_dim,
-                      words=words)
+                      words=words, source_vocab_size=source_vocab_size)
 
 
-def build_system(config: Config, vocab_size: int, words: list[str] | None = None) -> System:
-    """``words``: the vocabulary's tokens, for models that read spellings (a character CNN)."""
-    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size, words=words)
+def build_system(config: Config, vocab_size: int, words: list[str] | None = None,
+                 source_vocab_size: int | None = None) -> System:
+    """``words``: the vocabulary's tokens, for models that read spellings (a character CNN);
+    ``source_vocab_size``: the source side's vocabulary size, for models of parallel text."""
+    model = _construct(MODELS, config.model, "model", vocab_size=vocab_size, words=words,
+                       source_vocab_size=source_vocab_size)
     objective = _construct(OBJECTIVES, config.objective, "objective", vocab_size=vocab_size)
     posterior = None
     if objective.needs_posterior:
@@ -68,7 +71,7 @@ def build_system(config: Config, vocab_size: int, words: list[str] | None = None
             raise ConfigError(
                 f"objective {config.objective['type']!r} needs a posterior, and model "
                 f"{config.model['type']!r} has no latent variable")
-        posterior = build_posterior(spec, model, vocab_size, words)
+        posterior = build_posterior(spec, model, vocab_size, words, source_vocab_size)
     objective.check(model, posterior)  # a pairing the objective cannot learn correctly fails here
     return System(model, posterior, objective)
 
@@ -85,11 +88,16 @@ def load_pretrained(directory: str | Path, weights: str = "model.safetensors",
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
     vocab = Vocab.load(directory / "vocab.json")
     target = resolve_device(config.train.device if device is None else device)
-    system = build_system(config, len(vocab), words=vocab.itos)
+    system = build_system(config, len(vocab), words=vocab.itos, source_vocab_size=source_size(vocab))
     load_state(system, directory / weights)
     system.to(target)
     system.eval()
     return system, config, vocab
+
+
+def source_size(vocab: Vocab) -> int | None:
+    """The source side's vocabulary size of a parallel corpus, else None."""
+    return len(vocab.source) if vocab.source is not None else None
 
 
 def load_state(module: nn.Module, path: Path) -> None:

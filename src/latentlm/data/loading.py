@@ -8,6 +8,10 @@
   words; examples are :class:`~latentlm.data.documents.BowBatch` es of word counts.
 - ``tagged``: ``token<TAB>tag`` or CoNLL-U sentences; the words are a text dataset, the gold
   tags ride along (``dataset.tags``) for scoring only.
+- ``parallel``: ``{split}.{source_lang}`` / ``{split}.{target_lang}`` sentence pairs (Multi30K);
+  the dataset is the target sentences with the sources beside them, the vocabulary the
+  target's with ``vocab.source`` the source's (both built from train, same ``min_count`` /
+  ``max_vocab``).
 
 Every dataset has the same surface (:class:`Dataset`): ``len``, ``num_tokens``, ``vocab``,
 ``batch_indices(batch_size, shuffle, seed, epoch)``, ``make_batch(indices)``,
@@ -33,13 +37,14 @@ from latentlm.data.batching import TextDataset
 from latentlm.data.conll import TaggedCorpus, read_conllu, read_tagged_tsv
 from latentlm.data.corpus import SPLITS, find_corpus, read_lines, split_path
 from latentlm.data.documents import BagOfWords, load_documents, rescale_lengths
+from latentlm.data.parallel import ParallelDataset, read_parallel
 from latentlm.data.vocab import SPECIALS, Vocab
 from latentlm.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:  # the config is a plain dataclass; data must not import upward at run time
     from latentlm.config import DataConfig
 
-FORMATS = ("text", "documents", "tagged")
+FORMATS = ("text", "documents", "tagged", "parallel")
 
 
 @runtime_checkable
@@ -94,6 +99,8 @@ def _corpus_folder(d: "DataConfig") -> Path | None:
             candidates += [Path(base).expanduser() / d.name, Path(base).expanduser()]
     candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data" / d.name)
     files = list((d.files or {}).values())
+    if d.format == "parallel" and not files:
+        files = [f"train.{d.source_lang}", f"train.{d.target_lang}"]
     for c in candidates:
         if c.is_dir() and all(_resolve(c, f).is_file() for f in files):
             return c
@@ -105,6 +112,9 @@ def _corpus_folder(d: "DataConfig") -> Path | None:
 
 
 def _split_file(d: "DataConfig", folder: Path | None, split: str) -> Path | None:
+    if d.format == "parallel":  # the source side's file; the target's is beside it
+        name = d.files[split] if d.files and split in d.files else f"{split}.{d.source_lang}"
+        return _resolve(folder, name) if d.files is None or split in d.files else None
     if d.files:
         return _resolve(folder, d.files[split]) if split in d.files else None
     return split_path(folder, split, must_exist=False) if folder is not None else None
@@ -137,6 +147,11 @@ def _read(d: "DataConfig", path: Path, split: str, vocab: Vocab | None):
     limit = _limit(d, split)
     if d.format == "documents":
         return path, None
+    if d.format == "parallel":
+        target = path.with_name(path.name.removesuffix(f".{d.source_lang}") + f".{d.target_lang}")
+        if not target.is_file():
+            raise CorpusError(f"{target}: file not found (the {d.target_lang} side of {path})")
+        return read_parallel(path, target, d.max_tokens, limit, d.lowercase), None
     if d.format == "tagged":
         corpus: TaggedCorpus = read_conllu(path, d.tagset) if path.suffix == ".conllu" else read_tagged_tsv(path)
         words, tags = corpus.words, corpus.tags
@@ -198,6 +213,8 @@ def load_corpus(d: "DataConfig", vocab: Vocab | None = None, splits=("train", "v
         return vocab, {s: bows[s] for s in splits}
 
     raw = {s: _read(d, p, s, vocab) for s, p in paths.items()}
+    if d.format == "parallel":
+        return _parallel(d, raw, vocab, splits, carve, seed)
     if vocab is None:
         vocab = Vocab.build(raw["train"][0], d.max_vocab, d.min_count)
     if carve:
@@ -210,3 +227,16 @@ def load_corpus(d: "DataConfig", vocab: Vocab | None = None, splits=("train", "v
         words, tags = raw[split]
         out[split] = TaggedDataset(words, vocab, tags) if tags is not None else TextDataset(words, vocab)
     return vocab, out
+
+
+def _parallel(d: "DataConfig", raw, vocab: Vocab | None, splits, carve: bool, seed: int):
+    if vocab is None:
+        sources, targets = raw["train"][0]
+        vocab = Vocab.build(targets, d.max_vocab, d.min_count)
+        vocab.source = Vocab.build(sources, d.max_vocab, d.min_count)
+    if carve:
+        sources, targets = raw["train"][0]
+        rows_train, rows_valid = _carve(len(sources), d.valid_fraction, seed)
+        raw["valid"] = (([sources[i] for i in rows_valid], [targets[i] for i in rows_valid]), None)
+        raw["train"] = (([sources[i] for i in rows_train], [targets[i] for i in rows_train]), None)
+    return vocab, {split: ParallelDataset(*raw[split][0], vocab) for split in splits}

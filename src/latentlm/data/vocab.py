@@ -19,11 +19,16 @@ UNK_ALIASES = frozenset({"<unk>", "<UNK>", "_UNK", "UNK"})
 
 
 class Vocab:
-    """Token <-> id map. Ids 0..3 are ``<pad> <s> </s> <unk>``."""
+    """Token <-> id map. Ids 0..3 are ``<pad> <s> </s> <unk>``.
+
+    ``source``: for parallel text, the vocabulary of the source side (this one is the
+    target's, the side a model predicts); saved with it in the same JSON file.
+    """
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
 
-    def __init__(self, tokens: Sequence[str]):
+    def __init__(self, tokens: Sequence[str], source: "Vocab | None" = None):
+        self.source = source
         if tuple(tokens[:4]) != SPECIALS:
             raise ValueError(f"a vocabulary must start with {SPECIALS}, got {tuple(tokens[:4])}")
         self.itos: list[str] = list(tokens)
@@ -66,13 +71,17 @@ class Vocab:
         return out
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps({"tokens": self.itos}, ensure_ascii=False))
+        data = {"tokens": self.itos}
+        if self.source is not None:
+            data["source_tokens"] = self.source.itos
+        atomic_write_text(Path(path), json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(data["tokens"])
+            source = cls(data["source_tokens"]) if "source_tokens" in data else None
+            return cls(data["tokens"], source=source)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: not a latentlm vocabulary ({err})") from None

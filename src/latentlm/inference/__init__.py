@@ -4,6 +4,7 @@ from latentlm.inference.base import (FlowPosterior, GaussianPosterior, Objective
                                      StructuredPosterior)
 from latentlm.inference.elbo import ELBO, IWAE, VIMCO
 from latentlm.inference.exact import ExactMarginal
+from latentlm.inference.local import AlignmentPosterior, LocalELBO
 from latentlm.inference.mean_field import AmortizedMeanField, FactorialChains, MeanField, structured_mean_field
 from latentlm.inference.kl import free_bits, kl_per_dimension
 from latentlm.inference.posteriors import POSTERIORS, GaussianLSTMPosterior, diagonal_gaussian
@@ -20,6 +21,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "vimco": VIMCO,
     "mean_field": MeanField,
     "amortized_mean_field": AmortizedMeanField,
+    "local_elbo": LocalELBO,
 }
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "kl_per_dimension", "POSTERIORS", "GaussianLSTMPosterior", "diagonal_gaussian", "ConstantSchedule",
     "CyclicalSchedule", "LinearSchedule", "make_schedule", "OBJECTIVES", "SemiAmortizedELBO", "StochasticVI",
     "amortization_gap", "MeanField", "AmortizedMeanField", "FactorialChains", "structured_mean_field",
+    "LocalELBO", "AlignmentPosterior",
 ]

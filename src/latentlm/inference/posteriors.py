@@ -11,6 +11,7 @@ from latentlm.inference.base import GaussianPosterior, Posterior, diagonal_gauss
 from latentlm.inference.bow_posterior import GaussianBOWPosterior
 from latentlm.inference.crf_posterior import CRFBiLSTMPosterior
 from latentlm.inference.flows import FlowLSTMPosterior
+from latentlm.inference.local import AlignmentPosterior
 from latentlm.inference.mean_field import FactorialChainPosterior
 from latentlm.inference.svi import PerInstanceGaussian
 from latentlm.nn.bow import bag_of_words
@@ -67,4 +68,5 @@ POSTERIORS: dict[str, type[Posterior]] = {
     "gaussian_bow": GaussianBOWPosterior,
     "per_instance_gaussian": PerInstanceGaussian,
     "factorial_chains": FactorialChainPosterior,
+    "alignment_bilstm": AlignmentPosterior,
 }

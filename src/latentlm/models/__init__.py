@@ -1,5 +1,6 @@
 """Generative models p(x, z). ``MODELS`` maps a config's ``model.type`` to a class."""
 
+from latentlm.models.alignment import AttentionTranslator
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.bow_vae import BagOfWordsVAE
 from latentlm.models.factorial_hmm import FactorialHMM
@@ -25,8 +26,10 @@ MODELS: dict[str, type[LatentVariableModel]] = {
     "factorial_hmm": FactorialHMM,
     "neural_hsmm": NeuralHSMM,
     "lstm_tag_chain": LSTMTagChain,
+    "attention_translator": AttentionTranslator,
 }
 
 __all__ = ["BagOfWordsVAE", "LatentVariableModel", "LSTMLanguageModel", "SentenceVAE", "MixtureOfRNNLMs",
            "NaiveBayesMixture", "HMM", "NeuralHMM", "FactorialHMM", "NeuralHSMM", "LSTMTagChain", "NeuralTopicModel",
+           "AttentionTranslator",
            "MODELS"]

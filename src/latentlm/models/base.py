@@ -133,3 +133,63 @@ class InitializedFromData(ABC):
     @abstractmethod
     def initialize_from_data(self, dataset, seed: int) -> None:
         """Set parameters from ``dataset`` (the training split); a no-op unless configured."""
+
+
+# ---- per-position discrete latents (attention as a latent alignment) ------------------------
+
+
+class LocalTerms(ABC):
+    """One batch's per-position latent z_t in {0..S-1} (t a target position, S the batch's
+    padded source length), independent across t given the data: the prior
+    p(z_t | x, y_<t) and the output p(y_t | x, y_<t, z_t) for any alignment."""
+
+    prior_logits: torch.Tensor  # (B, T, S) normalized log p(z_t = s), very negative where s is padding
+    mask: torch.Tensor          # (B, T) bool, True on real target positions
+    source_mask: torch.Tensor   # (B, S) bool, True on real source positions
+
+    @abstractmethod
+    def log_likelihood_table(self) -> torch.Tensor:
+        """log p(y_t | z_t = s) for every (t, s), (B, T, S) — what enumeration needs."""
+
+    @abstractmethod
+    def log_likelihood_at(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, T) log p(y_t | ...) with the alignment given as weights (B, T, S) over source
+        positions: one-hot for a sampled z_t, q's probabilities for soft attention, a relaxed
+        sample for Gumbel-softmax."""
+
+
+class LocalLatentModel(LatentVariableModel):
+    """A model whose latent is one discrete choice per target position among the source
+    positions (M11's alignments): log p(y | x) = sum_t log sum_s p(z_t = s) p(y_t | z_t = s)
+    is exact by enumeration, and the ELBO of a factorized q(z | x, y) = prod_t q(z_t) is a
+    sum over positions (``latentlm.inference.local``)."""
+
+    latent: ClassVar[str] = "local"
+
+    @abstractmethod
+    def local_terms(self, batch) -> LocalTerms:
+        """The prior and the output of every position of ``batch`` (one decoder pass)."""
+
+    def log_marginal(self, batch) -> torch.Tensor:
+        terms = self.local_terms(batch)
+        per_token = torch.logsumexp(terms.prior_logits.float() + terms.log_likelihood_table(), -1)  # (B, T)
+        return (per_token * terms.mask).sum(-1)
+
+
+class ConditionalGenerator(ABC):
+    """A model of y given a source x that decodes left to right (beam search in
+    :mod:`latentlm.evaluation.translation`): ``start`` encodes a batch's sources, ``step``
+    gives log p(y_t | x, y_<t) over the vocabulary for the previous tokens, ``select``
+    reorders (or repeats) the decoding state's rows."""
+
+    @abstractmethod
+    def start(self, batch) -> Any:
+        """The decoding state of a batch's sources (one row per source sentence)."""
+
+    @abstractmethod
+    def step(self, state: Any, previous: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(log-probabilities (N, V) of the next token, the next state) after tokens ``previous`` (N,)."""
+
+    @abstractmethod
+    def select(self, state: Any, rows: torch.Tensor) -> Any:
+        """The state of rows ``rows`` (a LongTensor of row numbers, repeats allowed)."""

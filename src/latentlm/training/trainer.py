@@ -36,7 +36,7 @@ from latentlm.evaluation.latent import LatentStatistics
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError
 from latentlm.precision import autocast
-from latentlm.system import System, build_system
+from latentlm.system import System, build_system, source_size
 from latentlm.models.base import InitializedFromData
 from latentlm.training.aggressive import AggressiveEncoderTraining
 from latentlm.io import atomic_write_text, save_weights
@@ -84,7 +84,9 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     system.eval()
     device = module_device(system)
     sums = torch.zeros(4, dtype=torch.float64)  # -bound, -reconstruction, examples, tokens
-    stats = LatentStatistics(system.model.prior()) if system.posterior is not None else None
+    # KL / MI / AU of a global z; a latent per target position (alignments) has none of these
+    stats = LatentStatistics(system.model.prior()) if system.posterior is not None and system.model.latent != "local" \
+        else None
     shards = []  # (batch number, that batch's LatentStatistics) of this rank
     for number, idx in enumerate(dataset.batch_indices(batch_size)):
         if number % world != rank:
@@ -175,7 +177,8 @@ class Trainer:
         self.vocab, data = load_corpus(cfg, vocab, splits=("train", "valid"))
         self.train_set, self.valid_set = data["train"], data["valid"]
         # on the device before the optimizer sees the parameters
-        self.system = build_system(cfg, len(self.vocab), words=self.vocab.itos).to(self.device)
+        self.system = build_system(cfg, len(self.vocab), words=self.vocab.itos,
+                                   source_vocab_size=source_size(self.vocab)).to(self.device)
         self.optimizer = make_optimizer(cfg, self.system.parameters())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_decay, patience=cfg.train.lr_patience)
