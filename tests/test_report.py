@@ -143,6 +143,60 @@ def test_trainer_warns_once_in_the_log_when_validation_shows_collapse(monkeypatc
     assert len(warnings) == 1 and "step 4" in warnings[0] and "objective.free_bits" in warnings[0]
 
 
+def _collapsed_validation(monkeypatch):
+    import latentlm.training.trainer as trainer
+
+    real = trainer.validate
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: {**real(*a, **k), "kl": 0.01, "mi": 0.0, "au": 0})
+
+
+def _collapse_warnings(caplog) -> list[str]:
+    found = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+    caplog.clear()
+    return found
+
+
+def _saved_watch(run):
+    folder = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["folder"]
+    return json.loads((folder / "state.json").read_text())["collapse"]
+
+
+def test_the_collapse_watch_is_in_the_checkpoint_a_resumed_run_neither_warns_again_nor_loses_the_streak(
+        monkeypatch, caplog, tmp_path):
+    _collapsed_validation(monkeypatch)
+    config = lambda steps: load_config(REPO / "configs" / "tiny_vae.yaml",  # noqa: E731
+                                       [f"train.max_steps={steps}", "train.eval_every=2"])
+    with caplog.at_level(logging.WARNING, logger="latentlm"):
+        # warned at step 4; resumed, collapsed validations at 6 and 8 do not warn again
+        train(config(4), tmp_path / "warned", progress=False)
+        assert ["step 4" in w for w in _collapse_warnings(caplog)] == [True]
+        assert _saved_watch(tmp_path / "warned") == {"streak": 2, "warned_at": 4}
+        train(config(8), tmp_path / "warned", resume=True, progress=False)
+        assert _collapse_warnings(caplog) == []
+        assert _saved_watch(tmp_path / "warned") == {"streak": 4, "warned_at": 4}
+        # one collapsed validation (step 2) before the stop: the resumed run warns at the second (step 4)
+        train(config(2), tmp_path / "streak", progress=False)
+        assert _collapse_warnings(caplog) == [] and _saved_watch(tmp_path / "streak") == {"streak": 1, "warned_at": None}
+        train(config(4), tmp_path / "streak", resume=True, progress=False)
+        assert ["step 4" in w for w in _collapse_warnings(caplog)] == [True]
+
+
+def test_a_checkpoint_without_the_collapse_watch_replays_it_from_metrics_csv(monkeypatch, caplog, tmp_path):
+    _collapsed_validation(monkeypatch)
+    config = lambda steps: load_config(REPO / "configs" / "tiny_vae.yaml",  # noqa: E731
+                                       [f"train.max_steps={steps}", "train.eval_every=2"])
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="latentlm"):
+        train(config(4), run, progress=False)
+        assert len(_collapse_warnings(caplog)) == 1
+        for state in run.glob("checkpoints/step-*/state.json"):  # as written before the watch was saved
+            body = json.loads(state.read_text())
+            body.pop("collapse")
+            state.write_text(json.dumps(body))
+        train(config(6), run, resume=True, progress=False)
+        assert _collapse_warnings(caplog) == []
+
+
 # -- intervals ------------------------------------------------------------------------------------
 def test_summary_is_mean_sample_sd_and_a_t_interval():
     s = summarize([1.0, 2.0, 3.0])
