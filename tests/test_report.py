@@ -83,11 +83,11 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def test_report_renders_in_headless_chromium(runs, tmp_path):
+def _render(page, tmp_path):
+    """What headless Chromium makes of ``page``: images (decoded), tables, errors, console lines."""
     chromium, why = _chromium()
     if chromium is None:
         pytest.skip(f"no Chromium and scripts/ensure_chromium.sh could not install it: {why}")
-    _, page = runs
     # the check runs in a copy of the page (the report itself has no script)
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("<head>", "<head>" + CHECK, 1))
@@ -99,16 +99,113 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     found = re.search(r'<pre id="latentlm-check">(.*?)</pre>', dom.stdout)
     assert found, dom.stdout[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"'))
+    check["console"] = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    return check, flags, env
+
+
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    _, page = runs
+    check, flags, env = _render(page, tmp_path)
     assert check["images"] == 4 and check["decoded"] == 4, check  # every figure decoded (natural width > 0)
     # summaries of 3 runs, the VAE's samples / reconstructions / interpolation, the HMM's top words
     assert check["tables"] == page.read_text().count("<table>") == 7 and check["errors"] == [], check
-    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == [], console  # the page logged nothing to the console
+    assert check["console"] == [], check["console"]  # the page logged nothing to the console
     shot = REPO / "runs" / "report_screenshot.png" if os.environ.get("LATENTLM_KEEP_SCREENSHOT") else tmp_path / "shot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     taken = subprocess.run([*flags, "--window-size=1280,4000", f"--screenshot={shot}", page.as_uri()],
                            capture_output=True, text=True, timeout=180, env=env)
     assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr[-2000:]
+
+
+# -- a run's own figures (e.g. a translation model's alignment heatmaps) ----------------------------
+def _heatmap(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(np.random.default_rng(0).dirichlet(np.ones(5), size=4), cmap="Greys")
+    fig.savefig(path, format="png", dpi=50)
+    plt.close(fig)
+
+
+def _images(html: str) -> list[tuple[str, str]]:
+    """(caption, base64 data) of every figure of a report page."""
+    return re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"><figcaption>([^<]*)</figcaption>',
+                      html)
+
+
+def test_every_png_of_a_runs_figures_folder_is_embedded_captioned_by_stem(runs, tmp_path):
+    import base64
+
+    out, _ = runs
+    run = tmp_path / "translation"
+    shutil.copytree(out / "tiny_lm", run)
+    (run / "figures").mkdir()
+    for stem in ("alignment_de_en_0", "alignment_de_en_1"):
+        _heatmap(run / "figures" / f"{stem}.png")
+    (run / "figures" / "alignment_de_en_0.json").write_text('{"src": ["a"], "tgt": ["b"]}')
+    (run / "figures" / "broken.png").write_bytes(b"not a png")
+    # written into the run folder (the command's default), twice: the report's own curves land in the
+    # run's figures/ but are never taken for the run's figures
+    for _ in range(2):
+        page = build_report([run], run)
+        html, md = page.read_text(), (run / "report.md").read_text()
+        images = _images(html)
+        assert [caption for _, caption in images[1:]] == ["alignment_de_en_0", "alignment_de_en_1"], images
+        assert "<h3>Figures</h3>" in html and "alignment_de_en_0.json" in html and "broken.png" in html
+        assert base64.b64decode(images[1][0]) == (run / "figures" / "alignment_de_en_0.png").read_bytes()
+        # the Markdown links the run's own file (already in figures/), no copy
+        assert "](figures/alignment_de_en_0.png)" in md and "](figures/alignment_de_en_1.png)" in md
+    assert len(list((run / "figures").glob("*.png"))) == 4  # 2 heatmaps, broken.png, the report's curves
+    # elsewhere, the figures are copied beside the report
+    page = build_report([run], tmp_path / "elsewhere")
+    assert [c for _, c in _images(page.read_text())][1:] == ["alignment_de_en_0", "alignment_de_en_1"]
+    copied = sorted((tmp_path / "elsewhere" / "figures").glob("*_figure_alignment_de_en_*.png"))
+    assert [p.read_bytes() for p in copied] == [(run / "figures" / f"alignment_de_en_{i}.png").read_bytes()
+                                                for i in (0, 1)]
+
+
+# -- the estimator study ----------------------------------------------------------------------------
+def test_bench_estimators_writes_the_study_the_report_draws_and_it_renders(monkeypatch, tmp_path, capsys):
+    import latentlm.report.estimator_study as study
+
+    cfg = tmp_path / "m2.yaml"
+    cfg.write_text("data: {name: ptb, train_limit: 40, valid_limit: 20, max_vocab: 200}\n"
+                   "model: {type: rnn_mixture, num_components: 3, embed_dim: 8, hidden_dim: 8, component_dim: 4}\n"
+                   "posterior: {type: categorical_lstm, embed_dim: 8, hidden_dim: 8}\n"
+                   "objective: {type: elbo, estimator: enumerate}\ntrain: {max_steps: 2, batch_size: 8}\n")
+    train(load_config(cfg), tmp_path / "m2", progress=False)
+    monkeypatch.setattr(study, "DEFAULT_ESTIMATORS", {  # a tiny study: three cheap estimators
+        "enumerate": {"type": "elbo", "estimator": "enumerate"},
+        "score_function": {"type": "elbo", "estimator": {"type": "score_function", "baseline": "none"}},
+        "sf_leave_one_out": {"type": "elbo", "estimator": {"type": "score_function", "baseline": "leave_one_out"}}})
+    folder = tmp_path / "study"
+    assert cli(["bench", "estimators", str(tmp_path / "m2"), "--out", str(folder), "--draws", "4",
+                "--batch-size", "4", "--samples", "2"]) == 0
+    assert (folder / study.STUDY_FILE).is_file()
+    rows = study.read_study(folder / study.STUDY_FILE)
+    assert cli(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    capsys.readouterr()
+    md, page = (tmp_path / "report" / "report.md").read_text(), tmp_path / "report" / "report.html"
+    html = page.read_text()
+    assert "## Estimator study" in md and "estimator_study.png)" in md
+    assert [c for _, c in _images(html)] == ["Estimator study: gradient bias and variance per estimator (log scale)"]
+    for r in rows:  # the table: one row per estimator, its variance as the study wrote it
+        assert f"<td>{r['estimator']}</td>" in html and f"<td>{r['variance']:.3g}</td>" in html
+    assert html.count("<tr>") == len(rows) + 1
+    # the bench's default folder, RUN/estimator_study/, shows in the run's own section
+    study.write_study(rows, tmp_path / "m2" / "estimator_study")
+    text = build_report([tmp_path / "m2"], tmp_path / "run_report").with_suffix(".md").read_text()
+    assert "### Estimator study (estimator_study)" in text and "| sf_leave_one_out |" in text
+    with pytest.raises(ValueError, match="not an estimator study"):
+        (tmp_path / "bad.json").write_text("[]")
+        study.read_study(tmp_path / "bad.json")
+    check, _, _ = _render(page, tmp_path)
+    assert check["images"] == check["decoded"] == 1 and check["tables"] == 1, check
+    assert check["errors"] == [] and check["console"] == [], check
 
 
 # -- collapse ---------------------------------------------------------------------------------
@@ -141,6 +238,60 @@ def test_trainer_warns_once_in_the_log_when_validation_shows_collapse(monkeypatc
         train(config, tmp_path / "run", progress=False)
     warnings = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
     assert len(warnings) == 1 and "step 4" in warnings[0] and "objective.free_bits" in warnings[0]
+
+
+def _collapsed_validation(monkeypatch):
+    import latentlm.training.trainer as trainer
+
+    real = trainer.validate
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: {**real(*a, **k), "kl": 0.01, "mi": 0.0, "au": 0})
+
+
+def _collapse_warnings(caplog) -> list[str]:
+    found = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+    caplog.clear()
+    return found
+
+
+def _saved_watch(run):
+    folder = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["folder"]
+    return json.loads((folder / "state.json").read_text())["collapse"]
+
+
+def test_the_collapse_watch_is_in_the_checkpoint_a_resumed_run_neither_warns_again_nor_loses_the_streak(
+        monkeypatch, caplog, tmp_path):
+    _collapsed_validation(monkeypatch)
+    config = lambda steps: load_config(REPO / "configs" / "tiny_vae.yaml",  # noqa: E731
+                                       [f"train.max_steps={steps}", "train.eval_every=2"])
+    with caplog.at_level(logging.WARNING, logger="latentlm"):
+        # warned at step 4; resumed, collapsed validations at 6 and 8 do not warn again
+        train(config(4), tmp_path / "warned", progress=False)
+        assert ["step 4" in w for w in _collapse_warnings(caplog)] == [True]
+        assert _saved_watch(tmp_path / "warned") == {"streak": 2, "warned_at": 4}
+        train(config(8), tmp_path / "warned", resume=True, progress=False)
+        assert _collapse_warnings(caplog) == []
+        assert _saved_watch(tmp_path / "warned") == {"streak": 4, "warned_at": 4}
+        # one collapsed validation (step 2) before the stop: the resumed run warns at the second (step 4)
+        train(config(2), tmp_path / "streak", progress=False)
+        assert _collapse_warnings(caplog) == [] and _saved_watch(tmp_path / "streak") == {"streak": 1, "warned_at": None}
+        train(config(4), tmp_path / "streak", resume=True, progress=False)
+        assert ["step 4" in w for w in _collapse_warnings(caplog)] == [True]
+
+
+def test_a_checkpoint_without_the_collapse_watch_replays_it_from_metrics_csv(monkeypatch, caplog, tmp_path):
+    _collapsed_validation(monkeypatch)
+    config = lambda steps: load_config(REPO / "configs" / "tiny_vae.yaml",  # noqa: E731
+                                       [f"train.max_steps={steps}", "train.eval_every=2"])
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="latentlm"):
+        train(config(4), run, progress=False)
+        assert len(_collapse_warnings(caplog)) == 1
+        for state in run.glob("checkpoints/step-*/state.json"):  # as written before the watch was saved
+            body = json.loads(state.read_text())
+            body.pop("collapse")
+            state.write_text(json.dumps(body))
+        train(config(6), run, resume=True, progress=False)
+        assert _collapse_warnings(caplog) == []
 
 
 # -- intervals ------------------------------------------------------------------------------------

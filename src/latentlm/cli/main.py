@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="report.md + self-contained report.html about runs and grids")
     p.add_argument("dirs", nargs="+", metavar="RUN_OR_GRID_DIR",
-                   help="a run folder, a grid folder (latentlm grid --out), or a folder of run folders")
+                   help="a run folder, a grid folder (latentlm grid --out), a folder of run folders, or a "
+                        "folder holding an estimator study (latentlm bench estimators --out)")
     p.add_argument("--out", help="folder for report.md, report.html and figures/ (default: the one folder given, "
                                  "else ./report)")
     p.set_defaults(func=_cmd_report)
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measurements: `latentlm bench estimators DIR` (gradient estimator study)")
     p.add_argument("what", choices=["estimators"])
     p.add_argument("dir")
-    p.add_argument("--out", default=None, help="folder for the table and plot (default DIR/estimator_study)")
+    p.add_argument("--out", default=None, help="folder for the table, plot and estimator_study.json, which "
+                                                  "`latentlm report` reads (default DIR/estimator_study)")
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--samples", type=int, default=4, help="samples per draw for the multi-sample estimators")

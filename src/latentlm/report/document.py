@@ -14,8 +14,21 @@ A run's section: its last validation, its test result when a grid evaluated it, 
 training curves from ``metrics.csv`` (training loss; validation −ELBO, KL, MI, AU against
 the step), a mark when the posterior collapsed (the trainer's rule,
 :mod:`latentlm.training.collapse`), the 2-D posterior-mean plot for a Gaussian code, samples,
-reconstructions and interpolations for a sentence VAE, and state → top-words tables for
-HMMs and mixtures.
+reconstructions and interpolations for a sentence VAE, state → top-words tables for
+HMMs and mixtures, then under "Figures" every PNG the run wrote into its own ``figures/``
+folder (e.g. a model's alignment heatmaps, ``figures/alignment_*.png``), captioned by file
+stem (other files there, e.g. ``*.json``, are listed, not rendered), and any estimator study
+found in the run folder or its subfolders.
+
+* An estimator study (``estimator_study.json``, which ``latentlm bench estimators --out DIR``
+  writes; :mod:`latentlm.report.estimator_study`) in a folder given, or in one of its
+  subfolders, gets a section: each estimator's gradient bias and variance as log-scale bars,
+  and the table.
+
+``report.html`` and ``report.md`` may be written into a run folder (``latentlm report RUN``
+does by default), so the report's own figures may land in that run's ``figures/``: the
+report lists what it wrote there in ``figures/.latentlm-report.json`` and never shows those
+files as the run's figures.
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ from typing import Any
 
 from latentlm.errors import LatentLMError
 
+REPORT_FIGURES = ".latentlm-report.json"  # in figures/: the files a report wrote there (not the run's)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MEANS_SENTENCES = 1000  # sentences of the 2-D posterior-mean plot when the run has no saved means
 TEXT_EXAMPLES = 4       # samples and reconstructions per sentence VAE
 TOP_WORDS = 10
@@ -42,6 +57,7 @@ class Figure:
     name: str   # file stem in figures/
     png: bytes
     alt: str
+    source: Path | None = None  # a file the figure was read from: linked, not copied, when already in figures/
 
 
 @dataclass
@@ -63,13 +79,15 @@ class Report:
     def table(self, header: list[str], rows: list[list[str]]) -> None:
         self.blocks.append(("table", Table(header, rows)))
 
-    def figure(self, name: str, png: bytes, alt: str) -> None:
-        self.blocks.append(("figure", Figure(name, png, alt)))
+    def figure(self, name: str, png: bytes, alt: str, source: Path | None = None) -> None:
+        self.blocks.append(("figure", Figure(name, png, alt, source)))
 
     def markdown(self, figures_dir: Path, prefix: str = "figures") -> str:
-        from latentlm.io import atomic_write_bytes
+        """The Markdown text; writes the figures into ``figures_dir`` and records their names in
+        its :data:`REPORT_FIGURES` (with those of earlier reports still there)."""
+        from latentlm.io import atomic_write_bytes, atomic_write_text
 
-        parts = []
+        parts, written = [], set()
         for kind, value in self.blocks:
             if kind == "heading":
                 level, text, mark = value
@@ -81,8 +99,16 @@ class Report:
                                         "| " + " | ".join("---" for _ in value.header) + " |",
                                         *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in value.rows)]))
             elif kind == "figure":
-                atomic_write_bytes(figures_dir / f"{value.name}.png", value.png)
-                parts.append(f"![{value.alt}]({prefix}/{value.name}.png)")
+                if value.source is not None and value.source.parent.resolve() == figures_dir.resolve():
+                    file = value.source.name  # a run's own figure, and the report is written into that run
+                else:
+                    file = f"{value.name}.png"
+                    atomic_write_bytes(figures_dir / file, value.png)
+                    written.add(file)
+                parts.append(f"![{_md_alt(value.alt)}]({prefix}/{file})")
+        if written:
+            written |= {name for name in report_written(figures_dir) if (figures_dir / name).is_file()}
+            atomic_write_text(figures_dir / REPORT_FIGURES, json.dumps(sorted(written), indent=0))
         return "\n\n".join(parts) + "\n"
 
     def html(self, title: str) -> str:
@@ -124,6 +150,19 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _md_alt(text: str) -> str:
+    return text.replace("[", "(").replace("]", ")").replace("\n", " ")
+
+
+def report_written(figures_dir: Path) -> set[str]:
+    """Names of the files reports wrote into ``figures_dir`` (its :data:`REPORT_FIGURES`)."""
+    try:
+        names = json.loads((Path(figures_dir) / REPORT_FIGURES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
 # -- what is in a folder --------------------------------------------------------------------------
 def _is_run(folder: Path) -> bool:
     return (folder / "config.json").is_file()
@@ -161,11 +200,16 @@ def build_report(sources: list[str | Path], out: str | Path) -> Path:
             runs = sorted(p.parent for p in source.glob("*/config.json"))
             for run in runs:
                 _run_section(report, run, run.name, level=2)
-            seen += bool(runs)
-            if not runs:
-                report.text(f"{source}: no runs found (no config.json, no <config>/seed<s>/ folders).")
+            studies = [p for p in _study_files(source) if not _is_run(p.parent)]  # a run's: in its section
+            for study in studies:
+                _study_section(report, study, source, level=2)
+            seen += bool(runs or studies)
+            if not runs and not studies:
+                report.text(f"{source}: no runs found (no config.json, no <config>/seed<s>/ folders, "
+                            f"no estimator study).")
     if not seen:
-        raise LatentLMError("report: none of " + ", ".join(map(str, sources)) + " holds a run or a grid")
+        raise LatentLMError("report: none of " + ", ".join(map(str, sources)) + " holds a run, a grid or an "
+                            "estimator study")
     atomic_write_text(out / "report.md", report.markdown(out / "figures"))
     page = out / "report.html"
     atomic_write_text(page, report.html("latentlm report"))
@@ -234,6 +278,78 @@ def _run_section(report: Report, run: Path, title: str, level: int) -> None:
         _model_sections(report, run, title, slug, level + 1)
     except (LatentLMError, OSError) as err:  # the curves stand without the model (e.g. data not here)
         report.text(f"Model-based sections skipped: {err}")
+    _run_figures(report, run, slug, level + 1)
+    for study in _study_files(run):
+        _study_section(report, study, run, level + 1)
+
+
+def _run_figures(report: Report, run: Path, slug: str, level: int) -> None:
+    """Every PNG the run wrote into ``figures/`` (not those a report wrote there), in name
+    order, captioned by file stem; the other files there are listed."""
+    folder = run / "figures"
+    if not folder.is_dir():
+        return
+    ours = report_written(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ours and not p.name.startswith("."))
+    pngs = [p for p in files if p.suffix.lower() == ".png"]
+    if not files:
+        return
+    report.heading(level, "Figures")
+    unreadable = []
+    for path in pngs:
+        png = path.read_bytes()
+        if not png.startswith(PNG_SIGNATURE):
+            unreadable.append(path.name)
+            continue
+        report.figure(f"{slug}_figure_{_slug(path.stem)}", png, path.stem, source=path)
+    if unreadable:
+        report.text("Not PNG images (skipped): " + ", ".join(unreadable) + ".")
+    if others := [p.name for p in files if p.suffix.lower() != ".png"]:
+        report.text(f"Other files in {folder}: " + ", ".join(others) + ".")
+
+
+# -- estimator studies --------------------------------------------------------------------------
+def _study_files(folder: Path) -> list[Path]:
+    """The estimator studies in ``folder`` and in its direct subfolders (``latentlm bench
+    estimators RUN`` writes ``RUN/estimator_study/``)."""
+    from latentlm.report.estimator_study import STUDY_FILE
+
+    return sorted(p for p in (folder / STUDY_FILE, *folder.glob(f"*/{STUDY_FILE}")) if p.is_file())
+
+
+def _study_section(report: Report, path: Path, base: Path, level: int) -> None:
+    """Bias and variance of each gradient estimator (log-scale bars) and the study's table."""
+    from latentlm.report.estimator_study import plot_study, read_study
+
+    where = path.parent.relative_to(base).as_posix() if path.parent != base else ""
+    title = "Estimator study" + (f" ({where})" if where else "")
+    report.heading(level, title)
+    try:
+        rows = read_study(path)
+    except ValueError as err:
+        report.text(f"Skipped: {err}")
+        return
+    first = rows[0]
+    report.text(f"{path}: each gradient estimator of q's parameters against the exact gradient on one fixed "
+                f"batch, {first.get('draws', '?')} draws each. Bias = ‖mean − exact‖, with its Monte Carlo noise "
+                "floor √(tr Σ / N) and the excess √(bias² − floor²) over it; variance = tr Σ, the total variance "
+                "of one draw; log scales (an exact estimator's zero is a grey stub).")
+    slug = _slug("_".join(path.parent.resolve().parts[-2:]))
+    report.figure(f"{slug}_estimator_study", plot_study(rows), f"{title}: gradient bias and variance per "
+                                                                 "estimator (log scale)")
+    header = ["estimator", "target", "S", "bias", "noise floor", "excess", "variance tr Σ", "cosine", "ms / draw"]
+    body = [[str(r["estimator"]), str(r.get("target", "—")), _fmt(r.get("samples")), _sci(r["bias"]),
+             _sci(r["bias_floor"]), _sci(r["bias_excess"]), _sci(r["variance"]), _fmt(r.get("cosine")),
+             _fixed(r.get("ms_per_draw"), 1)] for r in rows]
+    report.table(header, body)
+
+
+def _sci(value: Any) -> str:
+    return "—" if value is None or value == "" else f"{float(value):.3g}"
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return "—" if value is None or value == "" else f"{float(value):.{digits}f}"
 
 
 def _fmt(value: Any) -> str:

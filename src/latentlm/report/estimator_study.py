@@ -224,23 +224,57 @@ def study_table(rows: Iterable[dict[str, Any]]) -> str:
                      + [_format_row(r) for r in rows]) + "\n"
 
 
+#: The file the study writes into its output folder and ``latentlm report`` looks for (in a
+#: folder given to it, in its subfolders, in a run folder and that run's subfolders).
+STUDY_FILE = "estimator_study.json"
+
+
 def write_study(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "estimator_study") -> dict[str, Path]:
-    """Write ``<name>.table.md`` (the Markdown table), ``<name>.json`` and ``<name>.png``
-    (log-scale bias and variance per estimator) into ``out_dir``; returns the paths."""
+    """Write ``<name>.table.md`` (the Markdown table), ``<name>.json`` (the rows; with the default
+    name, :data:`STUDY_FILE`, which ``latentlm report`` reads) and ``<name>.png`` (log-scale bias
+    and variance per estimator, :func:`plot_study`) into ``out_dir``; returns the paths."""
     import json
+
+    from latentlm.io import atomic_write_bytes, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / f"{name}.table.md", "json": out / f"{name}.json", "plot": out / f"{name}.png"}
+    atomic_write_text(paths["table"], study_table(rows))
+    atomic_write_text(paths["json"], json.dumps(rows, indent=2))
+    atomic_write_bytes(paths["plot"], plot_study(rows, dpi=120))
+    return paths
+
+
+def read_study(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a :data:`STUDY_FILE`; ``ValueError`` naming the file when it is not one
+    (not JSON, not a list of rows with ``estimator``, ``bias``, ``bias_floor``, ``bias_excess``,
+    ``variance``)."""
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not readable as an estimator study ({err})") from err
+    needed = ("estimator", "bias", "bias_floor", "bias_excess", "variance")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and all(k in r for k in needed)
+                                                          for r in rows):
+        raise ValueError(f"{path}: not an estimator study (a non-empty list of rows with {', '.join(needed)})")
+    return rows
+
+
+def plot_study(rows: list[dict[str, Any]], dpi: int = 90) -> bytes:
+    """PNG of two log-scale bar panels, one bar per estimator: the bias ‖mean − exact‖ (with
+    its Monte Carlo noise floor and the excess over it marked) and the gradient variance tr Σ.
+    A zero (enumeration is exact) is drawn as a grey stub a decade below the smallest value."""
+    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out / f"{name}.table.md", "json": out / f"{name}.json", "plot": out / f"{name}.png"}
-    paths["table"].write_text(study_table(rows), encoding="utf-8")
-    paths["json"].write_text(json.dumps(rows, indent=2), encoding="utf-8")
-
-    names = [r["estimator"] for r in rows]
+    names = [str(r["estimator"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
     for ax, key, label in ((axes[0], "bias", "bias ‖mean − exact‖"), (axes[1], "variance", "variance tr Σ")):
         keys = (key, "bias_floor", "bias_excess") if key == "bias" else (key,)
@@ -263,9 +297,10 @@ def write_study(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "es
     axes[0].invert_yaxis()
     fig.suptitle("Gradient estimators vs the exact gradient w.r.t. q's parameters (one fixed batch)")
     fig.tight_layout()
-    fig.savefig(paths["plot"], dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    return paths
+    return buffer.getvalue()
 
 
 # -- from a trained run ---------------------------------------------------------------------------
@@ -304,5 +339,6 @@ def run_estimator_study(run_dir: str | Path, out_dir: str | Path, batch_size: in
     return rows
 
 
-__all__ = ["DEFAULT_ESTIMATORS", "ROW_KEYS", "estimator_study", "exact_elbo_gradient", "exact_iwae_gradient",
-           "run_estimator_study", "study_batch", "study_table", "write_study"]
+__all__ = ["DEFAULT_ESTIMATORS", "ROW_KEYS", "STUDY_FILE", "estimator_study", "exact_elbo_gradient",
+           "exact_iwae_gradient", "plot_study", "read_study", "run_estimator_study", "study_batch", "study_table",
+           "write_study"]

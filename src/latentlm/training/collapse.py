@@ -44,6 +44,16 @@ class CollapseWatch:
         self.patience, self.streak = patience, 0
         self.warned_at: int | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The streak and whether (where) it warned: in the trainer's checkpoint (``state.json``),
+        so a resumed run neither warns a second time nor loses a streak under way."""
+        return {"streak": self.streak, "warned_at": self.warned_at}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.streak = int(state.get("streak", 0))
+        warned = state.get("warned_at")
+        self.warned_at = None if warned is None else int(warned)
+
     def update(self, step: int, metrics: Mapping[str, Any]) -> str | None:
         self.streak = self.streak + 1 if looks_collapsed(metrics) else 0
         if self.streak < self.patience or self.warned_at is not None:

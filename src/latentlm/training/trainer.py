@@ -153,6 +153,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self._metrics_rows = 0
         self.collapse = CollapseWatch()  # warns once when validation shows the posterior collapsing
+        self._replay_collapse = False  # resumed from a checkpoint without the watch's state
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self) -> None:
@@ -190,6 +191,10 @@ class Trainer:
             self.state = TrainState(**saved["train_state"])
             if self.aggressive is not None and "aggressive" in saved:
                 self.aggressive.load_state_dict(saved["aggressive"])
+            if "collapse" in saved:
+                self.collapse.load_state_dict(saved["collapse"])
+            else:  # a checkpoint from before the collapse state: replayed from metrics.csv's kept rows
+                self._replay_collapse = True
             if self.state.stopped == "budget":  # a new budget may let it go on
                 self.state.stopped = None
             self.scheduler.load_state_dict(self.state.scheduler)
@@ -228,6 +233,10 @@ class Trainer:
             else:  # a checkpoint from before the row count
                 rows = [r for r in rows if int(r["step"]) <= self.state.step]
         self._metrics_rows = len(rows)
+        if self._replay_collapse and self.system.posterior is not None:
+            for row in rows:
+                if row["split"] == "valid":
+                    self.collapse.update(int(row["step"]), row)
         # Rewrite the kept history atomically (a kill right after a resume must not lose it),
         # then append.
         kept = io.StringIO(newline="")
@@ -270,6 +279,7 @@ class Trainer:
         if self.aggressive is not None:
             extra["aggressive"] = self.aggressive.state_dict()
         extra["learner"] = self.learner.state_dict()
+        extra["collapse"] = self.collapse.state_dict()
         save_checkpoint(self.out / "checkpoints", self.state.step, self.system, self._optimizers(), extra,
                         keep=self.config.train.keep_checkpoints, rng=rng)
 
