@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from latentlm.errors import LatentLMError
+from latentlm.errors import ConfigError, LatentLMError
 
 
 def _cmd_train(args) -> int:
@@ -57,10 +57,19 @@ def _cmd_evaluate(args) -> int:
 
     system, config, vocab, dataset = _load_split(args.dir, args.split, args.data_dir, args.limit, args.device)
     samples = args.samples if args.samples is not None else config.eval.samples
+    from latentlm.models.alignment import AttentionTranslator
+
+    beam = args.beam if args.beam is not None else config.eval.beam
     result = evaluate(system, dataset, samples=samples, batch_size=config.eval.batch_size,
-                      seed=config.eval.seed, progress=not args.json, precision=args.precision)
+                      seed=config.eval.seed, progress=not args.json, precision=args.precision, beam=beam,
+                      max_decode_len=config.eval.max_decode_len)
     result["precision"] = args.precision
     result["split"] = args.split
+    if isinstance(system.model, AttentionTranslator) and not args.no_figures:
+        from latentlm.report.alignment import write_alignment_figures
+
+        figures = write_alignment_figures(system, dataset, Path(args.dir) / "figures")
+        result["figures"] = [str(f) for f in figures]
     if args.topics:
         result.update(_topics(system, config, vocab, args.topics))
     if args.json:
@@ -68,11 +77,38 @@ def _cmd_evaluate(args) -> int:
     else:
         print(f"scored {result.get('examples', len(dataset))} examples of the {args.split} split"
               + (f" (--limit {args.limit})" if args.limit is not None else " (all of it)"), file=sys.stderr)
-        for key in ("examples", "tokens", "nll", "ppl", "elbo", "ppl_bound", "kl", "mi", "au", "npmi_mean"):
+        for key in ("examples", "tokens", "nll", "ppl", "elbo", "ppl_bound", "kl", "mi", "au", "npmi_mean", "bleu",
+                    "bleu_signature", "decode_s"):
             if key not in result:
                 continue
             value = result[key]
             print(f"{key:>9}: {value:.3f}" if isinstance(value, float) else f"{key:>9}: {value}")
+    return 0
+
+
+def _cmd_translate(args) -> int:
+    from latentlm.data.corpus import read_utf8
+    from latentlm.evaluation.translation import translate_sentences
+    from latentlm.io import atomic_write_text
+    from latentlm.models.base import ConditionalGenerator
+    from latentlm.system import load_pretrained
+
+    system, config, vocab = load_pretrained(args.dir, device=args.device)
+    if not isinstance(system.model, ConditionalGenerator) or vocab.source is None:
+        raise ConfigError(f"{args.dir}: model {config.model['type']!r} does not translate (train an "
+                          f"attention_translator on data.format: parallel)")
+    _, text = read_utf8(args.input)  # CorpusError naming the line of a non-UTF-8 byte or a control character
+    lines = text.splitlines()
+    sentences = [[w.lower() for w in line.split()] if config.data.lowercase else line.split() for line in lines]
+    beam = args.beam if args.beam is not None else config.eval.beam
+    out = translate_sentences(system, sentences, vocab, beam=max(1, beam), batch_size=config.eval.batch_size,
+                              max_len=args.max_len or config.eval.max_decode_len, progress=args.output is not None)
+    result = "".join(" ".join(words) + "\n" for words in out)
+    if args.output:
+        atomic_write_text(Path(args.output), result)
+        print(f"translated {len(lines)} lines into {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(result)
     return 0
 
 
@@ -378,7 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.add_argument("--topics", type=int, metavar="N",
                    help="topic models: each topic's top N words and their NPMI on the training documents")
+    p.add_argument("--beam", type=int, help="translation models: beam size for BLEU (default: config eval.beam; 0: "
+                                            "no decoding)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="translation models: do not write alignment heatmaps into RUN/figures/")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("translate", help="translate a file, one tokenized sentence a line (translation models)")
+    p.add_argument("dir")
+    p.add_argument("--input", required=True, help="UTF-8 text, one source sentence a line (empty lines stay empty)")
+    p.add_argument("--output", help="write here (atomically) instead of standard output")
+    p.add_argument("--beam", type=int, help="beam size (default: config eval.beam; 1: greedy)")
+    p.add_argument("--max-len", type=int, help="longest translation in tokens (default: config eval.max_decode_len)")
+    _device_option(p)
+    p.set_defaults(func=_cmd_translate)
 
     p = sub.add_parser("sample", help="sentences sampled from the model (from the prior for latent models)")
     p.add_argument("dir")

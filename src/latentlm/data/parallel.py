@@ -61,12 +61,14 @@ class ParallelDataset(TextDataset):
             raise ValueError(f"{len(sources)} source sentences for {len(targets)} target sentences")
         super().__init__(targets, vocab)
         self.source_words = [list(s) for s in sources]
+        self.target_words = [list(t) for t in targets]  # the references as read (BLEU)
         self.sources = [encode_source(vocab.source, s) for s in sources]
 
     def head(self, n: int) -> "ParallelDataset":
         out = ParallelDataset.__new__(ParallelDataset)
         out.vocab, out.examples, out.lengths = self.vocab, self.examples[:n], self.lengths[:n]
         out.source_words, out.sources = self.source_words[:n], self.sources[:n]
+        out.target_words = self.target_words[:n]
         return out
 
     def batch_indices(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,

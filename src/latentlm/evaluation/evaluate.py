@@ -9,16 +9,25 @@ import torch
 from torch.distributions import Categorical
 
 from latentlm.data.batching import TextDataset
+from latentlm.data.parallel import ParallelDataset
 from latentlm.device import module_device
 from latentlm.evaluation.latent import LatentStatistics
+from latentlm.evaluation.translation import translation_metrics
 from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perplexity
-from latentlm.models.base import FiniteLatentModel
+from latentlm.inference.local import LocalELBO
+from latentlm.models.base import ConditionalGenerator, FiniteLatentModel
 from latentlm.precision import autocast
 
 
 def _evaluate_batch(model, posterior, objective, batch, samples, totals, stats, usage) -> None:
     """Add one batch's NLL, ELBO and KL sums to ``totals`` and its q(z | x) to ``stats``
     (for a mixture with an amortized q, also which component each example uses)."""
+    if isinstance(objective, LocalELBO):  # alignments: log p, the ELBO and the KL all enumerated exactly
+        exact = objective.enumerated(model, posterior, batch)
+        totals["nll"] -= float(exact["log_marginal"].sum())
+        totals["elbo"] += float(exact["elbo"].sum())
+        totals["kl"] += float(exact["kl"].sum())
+        return
     if model.has_exact_marginal and isinstance(model, FiniteLatentModel):
         _evaluate_mixture_batch(model, posterior, objective, batch, totals, stats, usage)
         return
@@ -59,7 +68,8 @@ def _evaluate_mixture_batch(model, posterior, objective, batch, totals, stats, u
 
 @torch.no_grad()
 def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int = 50, seed: int = 1234,
-             progress: bool = False, precision: str = "fp32") -> dict[str, Any]:
+             progress: bool = False, precision: str = "fp32", beam: int = 0,
+             max_decode_len: int = 80) -> dict[str, Any]:
     """Per-dataset metrics in nats per example (and perplexity per token incl. </s>).
 
     ``nll`` is exact when the model has a tractable marginal, else the importance-sampled
@@ -75,6 +85,10 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     components that are some example's MAP under p(z | x) / under q.
     ``precision="bf16-mixed"`` runs the networks under bf16 autocast (fp32 normalizers);
     BENCHMARKS.md records how far its NLL moves from fp32.
+    A translation model (a ``ConditionalGenerator``) on parallel text is also decoded with beam
+    search when ``beam`` > 0 and scored with BLEU (``bleu``, ``bleu_signature``, ``decode_s``);
+    its ``nll`` is exact (the marginal over alignments enumerated) and, with a q, so are its
+    ``elbo`` and ``kl``.
     Runs on the device of ``system`` (move it first, e.g. ``load_pretrained(dir, device=...)``);
     batches follow it, and ``result["device"]`` says where it ran.
     """
@@ -87,7 +101,9 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
     # q(z | x) is scored wherever there is one: the encoder's, or (no encoder, no exact marginal:
     # e.g. structured mean field on a factorial HMM too large to enumerate) the objective's own
-    stats = LatentStatistics(model.prior()) if posterior is not None or not model.has_exact_marginal else None
+    # (not for a latent per target position — alignments have no global z to describe)
+    stats = LatentStatistics(model.prior()) if model.latent != "local" and (
+        posterior is not None or not model.has_exact_marginal) else None
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
     autocast(precision, device)  # an unknown precision fails here, before any work
     for idx in tqdm(dataset.batch_indices(batch_size), desc="evaluate", disable=not progress, leave=False):
@@ -111,4 +127,7 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     result["nll_per_token"] = nll / tokens
     result["bits_per_token"] = result["nll_per_token"] / math.log(2)
     result["device"] = str(device)
+    if beam > 0 and isinstance(model, ConditionalGenerator) and isinstance(dataset, ParallelDataset):
+        translation = translation_metrics(system, dataset, beam, batch_size, max_decode_len, precision, progress)
+        result.update({k: v for k, v in translation.items() if k != "translations"})
     return result

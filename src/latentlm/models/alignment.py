@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from latentlm.data.parallel import PairBatch
 from latentlm.errors import ConfigError
 from latentlm.models.base import ConditionalGenerator, LocalLatentModel, LocalTerms
-from latentlm.nn.factored_output import mixture_log_probs, pairwise_target_log_probs
+from latentlm.nn.factored_output import exp_shifted, mixture_log_probs, pairwise_target_log_probs
 
 MASKED = -1e9  # the log-weight of a padded source position (exp() is exactly 0, no inf arithmetic)
 
@@ -62,9 +62,12 @@ class AlignmentTerms(LocalTerms):
 
 @dataclass
 class DecodingState:
-    keys: torch.Tensor        # (N, S, H) W_a e_s
-    c: torch.Tensor           # (N, S, V) W_e e_s
-    source_mask: torch.Tensor  # (N, S)
+    """Per source sentence (B of them): keys, output parts and mask, never copied while
+    decoding; per hypothesis row (N = B x group, sentence-major): the LSTM state."""
+
+    keys: torch.Tensor         # (B, S, H) W_a e_s
+    c: torch.Tensor            # (B, S, V) W_e e_s (soft attention) or exp(W_e e_s - max) (latent)
+    source_mask: torch.Tensor  # (B, S)
     hidden: tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), (1, N, H) each
 
 
@@ -130,21 +133,25 @@ class AttentionTranslator(LocalLatentModel, ConditionalGenerator):
 
     def start(self, batch: PairBatch) -> DecodingState:
         keys, c, source_mask, hidden = self._encode(batch)
+        if self.attention == "latent":
+            c = exp_shifted(c)[0]
         return DecodingState(keys, c, source_mask, hidden)
 
     def step(self, state: DecodingState, previous: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
+        B, N = state.keys.size(0), previous.size(0)
         h, hidden = self.decoder(self.tgt_embed(previous)[:, None, :], state.hidden)  # h (N, 1, H)
-        prior = self._prior_logits(h, state.keys, state.source_mask)[:, 0].exp()  # (N, S)
-        a = self.out_state(h[:, 0])  # (N, V)
+        h = h.view(B, N // B, -1)  # the hypotheses of each sentence
+        prior = self._prior_logits(h, state.keys, state.source_mask).exp()  # (B, group, S)
+        a = self.out_state(h)  # (B, group, V)
         if self.attention == "soft":
-            log_probs = (a + torch.bmm(prior[:, None, :].to(state.c.dtype), state.c)[:, 0]).float().log_softmax(-1)
+            log_probs = (a + torch.bmm(prior.to(state.c.dtype), state.c)).float().log_softmax(-1)
         else:
             log_probs = mixture_log_probs(a, state.c, prior)
-        return log_probs, DecodingState(state.keys, state.c, state.source_mask, hidden)
+        return log_probs.view(N, -1), DecodingState(state.keys, state.c, state.source_mask, hidden)
 
     def select(self, state: DecodingState, rows: torch.Tensor) -> DecodingState:
         h, c = state.hidden
-        return DecodingState(state.keys[rows], state.c[rows], state.source_mask[rows], (h[:, rows], c[:, rows]))
+        return DecodingState(state.keys, state.c, state.source_mask, (h[:, rows], c[:, rows]))
 
     @torch.no_grad()
     def alignments(self, batch: PairBatch) -> dict[str, torch.Tensor]:

@@ -192,4 +192,7 @@ class ConditionalGenerator(ABC):
 
     @abstractmethod
     def select(self, state: Any, rows: torch.Tensor) -> Any:
-        """The state of rows ``rows`` (a LongTensor of row numbers, repeats allowed)."""
+        """The state of rows ``rows`` (a LongTensor of row numbers, repeats allowed). Rows stay
+        grouped by source sentence, sentence-major, every sentence the same number of rows:
+        ``rows`` only expands each sentence's rows (``arange(B).repeat_interleave(k)``) or
+        picks, for each sentence's k slots, rows of that same sentence (a beam's survivors)."""

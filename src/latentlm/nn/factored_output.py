@@ -21,7 +21,8 @@ import torch
 _TINY = 1e-30
 
 
-def _exp_shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exp_shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(x - m), x - m) in fp32, m the detached maximum over the last dimension."""
     x = x.float()
     peak = x.detach().amax(-1, keepdim=True)
     return (x - peak).exp(), x - peak
@@ -33,23 +34,24 @@ def pairwise_target_log_probs(a: torch.Tensor, c: torch.Tensor, targets: torch.T
     a (B, T, V), c (B, S, V), targets (B, T) -> (B, T, S) in fp32.
     """
     with torch.autocast(a.device.type, enabled=False):
-        A, a_shift = _exp_shifted(a)
-        C, c_shift = _exp_shifted(c)
+        A, a_shift = exp_shifted(a)
+        C, c_shift = exp_shifted(c)
         log_z = torch.bmm(A, C.transpose(1, 2)).clamp_min(_TINY).log()  # (B, T, S), shifts excluded
         a_y = a_shift.gather(-1, targets[..., None])  # (B, T, 1)
         c_y = c_shift.gather(-1, targets[:, None, :].expand(-1, c.size(1), -1)).transpose(1, 2)  # (B, T, S)
         return a_y + c_y - log_z
 
 
-def mixture_log_probs(a: torch.Tensor, c: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """log sum_s w_s softmax(a + c_s) over the whole vocabulary (decoding the marginal over z).
+def mixture_log_probs(a: torch.Tensor, C: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log sum_s w_s softmax(a_r + c_s) over the whole vocabulary for R rows sharing one
+    source (decoding the marginal over z: the hypotheses of a beam).
 
-    a (N, V), c (N, S, V), weights (N, S) summing to 1 -> (N, V) in fp32:
-    sum_s w_s exp(a_v + c_sv) / Z_s = A_v * sum_s (w_s / Z'_s) C_sv with Z'_s = sum_v A_v C_sv.
+    a (B, R, V), C = exp_shifted(c)[0] (B, S, V), weights (B, R, S) summing to 1 -> (B, R, V) in
+    fp32: sum_s w_s exp(a_v + c_sv) / Z_s = A_v * sum_s (w_s / Z'_s) C_sv, Z'_s = sum_v A_v C_sv
+    (C's shift cancels in the ratio, so it is computed once per sentence).
     """
     with torch.autocast(a.device.type, enabled=False):
-        A, a_shift = _exp_shifted(a)
-        C, _ = _exp_shifted(c)
-        z = torch.bmm(C, A[:, :, None]).squeeze(-1).clamp_min(_TINY)  # (N, S)
-        mix = torch.bmm((weights.float() / z)[:, None, :], C).squeeze(1)  # (N, V)
+        A, a_shift = exp_shifted(a)
+        z = torch.bmm(A, C.transpose(1, 2)).clamp_min(_TINY)  # (B, R, S)
+        mix = torch.bmm(weights.float() / z, C)  # (B, R, V)
         return a_shift + mix.clamp_min(_TINY).log()
