@@ -200,3 +200,17 @@ def test_soft_attention_is_not_a_latent_model_for_local_elbo():
     from latentlm.errors import ConfigError
     with pytest.raises(ConfigError, match="attention: soft"):
         _system("hard", ["model.attention=soft"])
+
+
+def test_grid_takes_the_alignment_rows_and_reports_bleu(tmp_path):
+    """`latentlm grid` trains and evaluates translator rows like every other model (tiny budget)."""
+    out = tmp_path / "grid"
+    sets = ["model.embed_dim=16", "model.hidden_dim=16", "train.max_steps=4", "train.batch_size=32", "eval.beam=2",
+            "eval.max_decode_len=8"]
+    args = ["grid", str(CONFIGS / "soft.yaml"), str(CONFIGS / "hard.yaml"), "--out", str(out), "--data-dir", str(DATA),
+            "--test-limit", "8", "--precision", "fp32", "--gap-sentences", "0"]
+    for s in sets:
+        args += ["--set", s]
+    assert cli(args) == 0
+    table = next(out.glob("*.md")).read_text(encoding="utf-8")
+    assert "BLEU" in table and "soft" in table and "hard" in table

@@ -130,12 +130,12 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     # KL, MI and AU are evaluate()'s (one definition: LatentStatistics), so a row's MI is the
     # number `latentlm evaluate RUN --limit N --precision P` prints for the same run.
     metrics = evaluate(system, test, samples=samples, batch_size=config.eval.batch_size, seed=config.eval.seed,
-                       precision=job.precision)
+                       precision=job.precision, beam=config.eval.beam, max_decode_len=config.eval.max_decode_len)
     metrics["eval_minutes"] = (time.monotonic() - started) / 60
     metrics["gap"] = None
     metrics["latent_examples"] = len(test) if metrics["mi"] is not None else None
     posterior = system.posterior
-    if posterior is not None:
+    if posterior is not None and system.model.latent != "local":  # alignments have no global z to plot
         _, stats = latent_statistics(system, plotted, config.eval.batch_size, config.eval.seed)
         means = stats.posterior_means()
         if means is not None:  # the plot only: posterior means of every plotted sentence
@@ -254,7 +254,7 @@ def _announce(result: dict[str, Any], log) -> dict[str, Any]:
 # -- the report ---------------------------------------------------------------------------------
 COLUMNS = [("nll", "NLL", 2), ("ppl", "PPL", 1), ("neg_elbo", "−ELBO", 2), ("kl", "KL", 2), ("mi", "MI", 2),
            ("au", "AU", 0), ("components_used", "K used by p(z|x)", 0),
-           ("q_components_used", "K used by q", 0), ("gap", "amort. gap", 2),
+           ("q_components_used", "K used by q", 0), ("gap", "amort. gap", 2), ("bleu", "BLEU", 2),
            ("train_minutes", "train min", 1)]
 
 
