@@ -355,6 +355,10 @@ def main() -> int:
             run["is_eval"]["bf16_minus_fp32_nll"] = run["is_eval"]["ll_bf16"]["nll_mean"] - run["is_eval"]["ll_fp32"]["nll_mean"]
             run["is_eval"]["sentences"], run["is_eval"]["target_tokens"] = len(l_test), is_tokens
         res["runs"][str(threads)] = run
+        res["load_average_now"] = os.getloadavg()
+        if out_path:  # after each thread count, so a slow later one does not lose the earlier
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(res, indent=1))
     res["load_average_end"] = os.getloadavg()
     shutil.rmtree(scratch, ignore_errors=True)
     if out_path:

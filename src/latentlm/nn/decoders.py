@@ -90,7 +90,11 @@ class LSTMDecoder(nn.Module):
         log-softmax is taken in fp32 even under bf16 autocast. Without autograd
         (evaluation, importance sampling) a leaner path reuses one logits buffer.
         """
-        flat, tgt = states[mask], targets[mask]               # (M, H), (M,)
+        full = bool(mask.all())  # equal lengths: no gather of the real positions, no scatter back
+        if full:
+            flat, tgt = states.reshape(-1, states.size(-1)), targets.reshape(-1)
+        else:
+            flat, tgt = states[mask], targets[mask]           # (M, H), (M,)
         if torch.is_grad_enabled() and self.fused_output(flat):
             tok = linear_log_softmax_gather(flat, self.out.weight, self.out.bias, tgt)
         elif torch.is_grad_enabled():
@@ -98,6 +102,8 @@ class LSTMDecoder(nn.Module):
             tok = -F.cross_entropy(logits, tgt, reduction="none")  # (M,)
         else:
             tok = self._inference_log_probs(flat, tgt)
+        if full:
+            return tok.view(mask.shape).sum(1)
         out = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
         out[mask] = tok
         return out.sum(1)
