@@ -59,7 +59,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def matmul_limit(reps: int = 5) -> dict:
+def matmul_limit(reps: int = 10) -> dict:
     """GFLOP/s of a 2048^3 product and of the VAE's output-layer shape (4096 x 256 x 10k)."""
     out = {}
     for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "out_layer_4096x256x10k": (4096, 256, 10000)}.items():
@@ -354,6 +354,18 @@ def main() -> int:
                       f"{100 * r['fraction_of_matmul_limit']:.0f}% of limit", flush=True)
             run["is_eval"]["bf16_minus_fp32_nll"] = run["is_eval"]["ll_bf16"]["nll_mean"] - run["is_eval"]["ll_fp32"]["nll_mean"]
             run["is_eval"]["sentences"], run["is_eval"]["target_tokens"] = len(l_test), is_tokens
+        again = matmul_limit()  # the limit again at the end: a busy machine is seen in both, keep the best
+        run["matmul_gflops_end"] = again
+        run["matmul_gflops"] = lim = {k: max(v, again[k]) for k, v in run["matmul_gflops"].items()}
+        print(f"threads {threads}: matmul limit (best of start and end) fp32 {lim['square_2048_float32']:.0f}, "
+              f"bf16 {lim['square_2048_bfloat16']:.0f} GFLOP/s", flush=True)
+        for part in ("train", "is_eval"):
+            for n, r in run.get(part, {}).items():
+                if isinstance(r, dict) and "gflops" in r:
+                    peak = lim["square_2048_bfloat16" if n.endswith("bf16") else "square_2048_float32"]
+                    r["fraction_of_matmul_limit"] = r["gflops"] / peak
+                    print(f"  {part} {n:13s} {r['gflops']:6.1f} GFLOP/s = {100 * r['gflops'] / peak:3.0f}% of the "
+                          f"{'bf16' if n.endswith('bf16') else 'fp32'} limit", flush=True)
         res["runs"][str(threads)] = run
         res["load_average_now"] = os.getloadavg()
         if out_path:  # after each thread count, so a slow later one does not lose the earlier
