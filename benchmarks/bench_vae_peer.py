@@ -339,6 +339,21 @@ def main() -> int:
                     nll[n].append(v)
                 print(f"IS rep {rep}: " + "  ".join(f"{n} {sec[n][-1]:.1f}s/100 nll {nll[n][-1]:.3f}" for n in names),
                       flush=True)
+            if A.profile:
+                from torch.profiler import ProfilerActivity, profile
+                few = l_test.head(5)
+                for n in names:
+                    with profile(activities=[ProfilerActivity.CPU]) as p, torch.no_grad():
+                        if n == "peer":
+                            vae.eval()
+                            for x in peer_test_batches[:5]:
+                                vae.nll_iw(x, nsamples=A.samples, ns=100)
+                        else:
+                            b = few.make_batch(list(range(len(few))))
+                            with autocast("fp32" if n == "ll_fp32" else "bf16-mixed", "cpu"):
+                                importance_sampled_log_marginal(eval_system.model, eval_system.posterior, b, A.samples)
+                    (Path(A.profile) / f"is_{n}_t{threads}.txt").write_text(
+                        p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
             tok_per_100 = is_tokens * 100 / len(l_test)
             run["is_eval"] = {n: {"s_per_100_median": med(sec[n]), "runs": sec[n], "nll": nll[n],
                                   "nll_mean": statistics.mean(nll[n]),
