@@ -7,7 +7,7 @@ training (target tokens/s; tokens = words + </s>, B * (L - 1) per batch):
                 equal-length batches, its plain-VAE step (SGD lr 1.0, clip 5, dropout 0.5)
   ll_peer_fp32  latentlm's engine (``Trainer`` set-up, ``GradientLearner.step``) configured like
                 the peer: sgd lr 1.0, clip 5, dropout 0.5, no word dropout, KL weight 1, same
-                sizes, initialized from the peer's initial weights; latentlm ``Batch``es of the
+                sizes, no output-layer bias (``model.decoder_options.output_bias: false``), initialized from the peer's initial weights; latentlm ``Batch``es of the
                 very same sentences
   ll_peer_bf16  the same with ``train.precision: bf16-mixed``
   ll_def_fp32 / ll_def_bf16   latentlm's defaults (configs/ptb/vae.yaml: Adam, dropout 0.3, ...)
@@ -163,6 +163,7 @@ def main() -> int:
     common = ["train.checkpoint_every=1000000", "train.eval_every=1000000", "train.log_every=1000000",
               "train.device=cpu", f"data.data_dir={A.data}", f"data.valid_limit={A.valid_sents}", "model.word_dropout=0"]
     peer_like = ["train.optimizer=sgd", "train.lr=1.0", "train.clip=5.0", "model.dropout=0.5",
+                 "model.decoder_options.output_bias=false",
                  "objective.kl_schedule=1.0", "objective.free_bits=0"]
     configs = {"ll_peer_fp32": peer_like + ["train.precision=fp32"],
                "ll_peer_bf16": peer_like + ["train.precision=bf16-mixed"],
@@ -194,7 +195,8 @@ def main() -> int:
             q.to_params.weight.copy_(sd["encoder.linear.weight"]); q.to_params.bias.zero_()
             m.z_to_state.weight.copy_(sd["decoder.trans_linear.weight"]); m.z_to_state.bias.zero_()
             m.out.weight.zero_(); m.out.weight[lut] = sd["decoder.pred_linear.weight"]
-            m.out.bias.fill_(missing_bias); m.out.bias[lut] = 0.0
+            if m.out.bias is not None:  # (no output bias in the peer-like configuration, as in the peer)
+                m.out.bias.fill_(missing_bias); m.out.bias[lut] = 0.0
 
     for name in ("ll_peer_fp32", "ll_peer_bf16"):
         load_peer_weights(trainers[name].system, peer_init)

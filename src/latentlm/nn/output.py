@@ -33,8 +33,11 @@ def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
     return peak.squeeze(1).float() + logits.sum(1, dtype=torch.float32).log()
 
 
-def _block_logits(h_blk: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(bias, h_blk, weight_t, out=buf[: h_blk.size(0)])  # (r, V)
+def _block_logits(h_blk: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor
+                  ) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(h_blk, weight_t, out=buf[: h_blk.size(0)])  # (r, V)
+    return torch.addmm(bias, h_blk, weight_t, out=buf[: h_blk.size(0)])
 
 
 class _LinearLogSoftmaxGather(torch.autograd.Function):
@@ -42,7 +45,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, dtype):
         # h (M, H), weight (V, H) fp32 master, bias (V,), target (M,) -> (M,) fp32 log-probs
         w_t = weight.to(dtype).t()                               # (H, V)
-        b = bias.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         x = h.to(dtype)
         M, V = x.size(0), weight.size(0)
         # Each row block's logits are computed into its rows of one (M, V) low-precision
@@ -61,7 +64,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
             logits.sub_(top).exp_()
             lse[s:e] = peak[s:e] + logits.sum(1, dtype=torch.float32).log()
         ctx.save_for_backward(x, w_t, target, probs, peak - lse)
-        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        ctx.h_dtype, ctx.w_dtype, ctx.has_bias = h.dtype, weight.dtype, bias is not None
         ctx.consumed = False
         return tgt_logit - lse
 
@@ -78,11 +81,11 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         grad_logits[torch.arange(x.size(0), device=x.device), target] += g.to(probs.dtype)
         grad_h = (grad_logits @ w_t.t()).to(ctx.h_dtype)
         grad_w = (grad_logits.t() @ x).to(ctx.w_dtype)
-        grad_b = grad_logits.sum(0, dtype=torch.float32).to(ctx.w_dtype)
+        grad_b = grad_logits.sum(0, dtype=torch.float32).to(ctx.w_dtype) if ctx.has_bias else None
         return grad_h, grad_w, grad_b, None, None
 
 
-def linear_log_softmax_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+def linear_log_softmax_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                               dtype: torch.dtype | None = None) -> torch.Tensor:
     """log softmax(h W^T + b)[target] per row, (M,) fp32, differentiable in h, weight, bias.
 
