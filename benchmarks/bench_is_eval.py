@@ -1,4 +1,7 @@
 """Importance-sampled NLL (IS-k) evaluation time: latentlm's batched evaluator vs the
+
+The baseline here is a re-implementation written in this repository, NOT the peer's code; the
+peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
 research code's loop (one sentence at a time, samples in chunks), same trained VAE, same
 standard-normal draws, one run. Reports wall time, speed-up and the NLL of each.
 

@@ -313,16 +313,15 @@ def main() -> int:
                     (prof_dir / f"train_{name}_t{threads}.txt").write_text(
                         p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         if "eval" in A.what:
-            if threads == A.threads[0] or "valid" not in res:
-                # validation NLL of the fp32 and bf16 engines after the same steps from the same start
-                res["valid_after_equal_steps"] = {}
-                for n, tr in trainers.items():
-                    pr = tr.config.train.precision
-                    res["valid_after_equal_steps"][n] = {"steps": steps_done[n],
-                                                         "nll": validate(tr.system, tr.valid_set, 50, pr)["nll"]}
-                print("valid NLL after equal steps: " + ", ".join(
-                    f"{n} {v['nll']:.2f} ({v['steps']} steps)" for n, v in res["valid_after_equal_steps"].items()),
-                    flush=True)
+            # validation NLL of the fp32 and bf16 engines after the same steps from the same start
+            run["valid_after_equal_steps"] = {}
+            for n, tr in trainers.items():
+                pr = tr.config.train.precision
+                run["valid_after_equal_steps"][n] = {"steps": steps_done[n],
+                                                     "nll": validate(tr.system, tr.valid_set, 50, pr)["nll"]}
+            print("valid NLL after equal steps: " + ", ".join(
+                f"{n} {v['nll']:.2f} ({v['steps']} steps)" for n, v in run["valid_after_equal_steps"].items()),
+                flush=True)
             # IS: all on the peer's current (trained) weights
             load_peer_weights(eval_system, {k: v.detach().clone() for k, v in vae.state_dict().items()},
                               missing_bias=-1e4)

@@ -1,5 +1,8 @@
 """Training throughput of the sentence VAE (M4): latentlm's engine vs a bare PyTorch loop.
 
+The baseline here is a re-implementation written in this repository, NOT the peer's code; the
+peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
+
 Both train the same architecture (embedding and hidden 256, latent 32, V = 10k, batch 32,
 dropout 0.3, no word dropout) on the same PTB batches (epoch-0 order of latentlm's bucketed sampler). The bare loop is
 written the way the research code writes it: full (B, T, V) logits with ignore_index
