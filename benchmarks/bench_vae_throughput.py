@@ -1,8 +1,5 @@
 """Training throughput of the sentence VAE (M4): latentlm's engine vs a bare PyTorch loop.
 
-The baseline here is a re-implementation written in this repository, NOT the peer's code; the
-peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
-
 Both train the same architecture (embedding and hidden 256, latent 32, V = 10k, batch 32,
 dropout 0.3, no word dropout) on the same PTB batches (epoch-0 order of latentlm's bucketed sampler). The bare loop is
 written the way the research code writes it: full (B, T, V) logits with ignore_index
@@ -10,6 +7,8 @@ padding, one optimizer step per batch. Runs alternate (engine, bare, engine, ...
 machine noise hits both; we report medians of target tokens/s and the ratios.
 
     python benchmarks/bench_vae_throughput.py --steps 40 --repeats 3 --threads 2
+The baseline here is a re-implementation written in this repository, NOT the peer's code; the
+peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
 """
 
 from __future__ import annotations
