@@ -45,9 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,6 +58,8 @@ def cpu_model() -> str:
 
 def matmul_limit(reps: int = 10) -> dict:
     """GFLOP/s of a 2048^3 product and of the VAE's output-layer shape (4096 x 256 x 10k)."""
+    import torch
+
     out = {}
     for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "out_layer_4096x256x10k": (4096, 256, 10000)}.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -102,6 +101,13 @@ def main() -> int:
         print(f"bench_vae_peer: no PTB files in {A.data!r}; skipping.")
         return 0
     A.is_reps = A.is_reps or A.reps
+    if A.is_sents < 10:  # the peer's calc_iwnll divides by round(batches / 10)
+        print("bench_vae_peer: --is-sents below 10 is too few for the peer's calc_iwnll; using 10")
+        A.is_sents = 10
+    if A.samples < 100 or A.samples % 100:  # the peer samples in chunks of 100 (int(samples / 100) chunks)
+        sys.exit("bench_vae_peer: --samples must be a multiple of 100 (the peer's calc_iwnll uses chunks of 100)")
+    import numpy as np  # only now: without a peer the script skips before importing torch
+    import torch
     out_path = Path(A.out).resolve() if A.out else None
     torch.manual_seed(A.seed)
     np.random.seed(A.seed)
