@@ -3,6 +3,9 @@ research code's loop (one sentence at a time, samples in chunks), same trained V
 standard-normal draws, one run. Reports wall time, speed-up and the NLL of each.
 
     python benchmarks/bench_is_eval.py runs/ptb_vae_freebits --sentences 300 --samples 500 --threads 2
+
+The baseline here is a re-implementation written in this repository, NOT the peer's code; the
+peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ padding, one optimizer step per batch. Runs alternate (engine, bare, engine, ...
 machine noise hits both; we report medians of target tokens/s and the ratios.
 
     python benchmarks/bench_vae_throughput.py --steps 40 --repeats 3 --threads 2
+
+The baseline here is a re-implementation written in this repository, NOT the peer's code; the
+peer comparison (jxhe/vae-lagging-encoder itself) is benchmarks/bench_vae_peer.py.
 """
 
 from __future__ import annotations

@@ -109,3 +109,62 @@ def test_inference_log_probs_match_the_training_path():
     with torch.no_grad():
         infer_path = model.log_likelihood(batch, z)
     torch.testing.assert_close(infer_path, train_path.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_equal_length_batches_take_the_unpacked_path_with_the_same_numbers():
+    """A batch of equal lengths skips packing (encoder) and the mask gather/scatter (decoder);
+    the values and gradients equal those of the same rows inside a padded batch."""
+    from latentlm.data.batching import Batch
+    from latentlm.nn.encoders import LSTMEncoder
+
+    torch.manual_seed(0)
+    V, B, T = 30, 3, 5
+    enc, vae = LSTMEncoder(V, 8, 8), SentenceVAE(V, 8, 8, 4)
+    tokens = torch.randint(4, V, (B, T + 1))
+    tokens[:, 0], tokens[:, -1] = Vocab.bos_id, Vocab.eos_id
+    equal = Batch(tokens, torch.full((B,), T), torch.arange(B))
+    # the same rows padded by one longer sentence
+    longer = torch.cat([tokens[:1, :-1], torch.randint(4, V, (1, 2)), tokens[:1, -1:]], 1)
+    padded = Batch(torch.cat([F.pad(tokens, (0, 2)), longer]), torch.tensor([T] * B + [T + 2]), torch.arange(B + 1))
+    z = torch.randn(2, B + 1, 4)
+    h_eq, h_pad = enc(equal.tokens, equal.lengths), enc(padded.tokens, padded.lengths)[:B]
+    assert torch.allclose(h_eq, h_pad, atol=1e-6)
+    vae.eval()
+    ll_eq = vae.log_likelihood(equal, z[:, :B])
+    ll_pad = vae.log_likelihood(padded, z)[:, :B]
+    assert torch.allclose(ll_eq, ll_pad, atol=1e-5)
+    vae.train()
+    vae.decoder.dropout.p = 0.0
+    g_eq = torch.autograd.grad(vae.log_likelihood(equal, z[:, :B]).sum(), vae.decoder.out.weight)[0]
+    g_pad = torch.autograd.grad(vae.log_likelihood(padded, z)[:, :B].sum(), vae.decoder.out.weight)[0]
+    assert torch.allclose(g_eq, g_pad, atol=1e-5)
+
+
+def test_decoder_without_output_bias_agrees_on_every_path():
+    """``decoder_options: {output_bias: false}`` (He et al.'s decoder): the training path
+    (plain fp32 and fused bf16), the inference path and their gradients agree."""
+    from latentlm.nn.output import linear_log_softmax_gather
+
+    torch.manual_seed(0)
+    V, B = 40, 4
+    vae = SentenceVAE(V, 8, 8, 4, decoder_options={"output_bias": False})
+    assert vae.decoder.out.bias is None
+    ds = TextDataset([["a", "b"], ["c"], ["a", "c", "b"], ["b", "b"]], Vocab(["<pad>", "<s>", "</s>", "<unk>", "a", "b", "c"]))
+    batch = ds.make_batch([0, 1, 2, 3])
+    z = torch.randn(2, B, 4)
+    vae.eval()
+    with torch.no_grad():
+        inference = vae.log_likelihood(batch, z)
+    train = vae.log_likelihood(batch, z)
+    torch.testing.assert_close(inference, train.detach(), rtol=1e-5, atol=1e-5)
+    h = torch.randn(50, 8, requires_grad=True)
+    t = torch.randint(0, V, (50,))
+    w = vae.decoder.out.weight
+    ref = -F.cross_entropy(h @ w.T, t, reduction="none")
+    fused = linear_log_softmax_gather(h, w, None, t)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(torch.autograd.grad(fused.sum(), (h, w)), torch.autograd.grad(ref.sum(), (h, w))):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = vae.log_likelihood(batch, z)
+    assert (low - inference).abs().max() < 0.1

@@ -58,6 +58,7 @@ class LSTMDecoder(nn.Module):
         latent_dim: int = 0,
         num_layers: int = 1,
         dropout: float = 0.0,
+        output_bias: bool = True,
     ):
         super().__init__()
         self.latent_dim = latent_dim
@@ -65,7 +66,8 @@ class LSTMDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocab.pad_id)
         self.lstm = nn.LSTM(embed_dim + latent_dim, hidden_dim, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_dim, vocab_size)
+        # output_bias=False: no bias on the (H x V) layer, as in He et al. (2019)'s decoder
+        self.out = nn.Linear(hidden_dim, vocab_size, bias=output_bias)
         if latent_dim:
             self.z_to_state = nn.Linear(latent_dim, hidden_dim * num_layers)
 
@@ -90,7 +92,11 @@ class LSTMDecoder(nn.Module):
         log-softmax is taken in fp32 even under bf16 autocast. Without autograd
         (evaluation, importance sampling) a leaner path reuses one logits buffer.
         """
-        flat, tgt = states[mask], targets[mask]               # (M, H), (M,)
+        full = bool(mask.all())  # equal lengths: no gather of the real positions, no scatter back
+        if full:
+            flat, tgt = states.reshape(-1, states.size(-1)), targets.reshape(-1)
+        else:
+            flat, tgt = states[mask], targets[mask]           # (M, H), (M,)
         if torch.is_grad_enabled() and self.fused_output(flat):
             tok = linear_log_softmax_gather(flat, self.out.weight, self.out.bias, tgt)
         elif torch.is_grad_enabled():
@@ -98,6 +104,8 @@ class LSTMDecoder(nn.Module):
             tok = -F.cross_entropy(logits, tgt, reduction="none")  # (M,)
         else:
             tok = self._inference_log_probs(flat, tgt)
+        if full:
+            return tok.view(mask.shape).sum(1)
         out = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
         out[mask] = tok
         return out.sum(1)
@@ -121,12 +129,14 @@ class LSTMDecoder(nn.Module):
         place; the sum and log are fp32.
         """
         weight, bias = self.out.weight, self.out.bias          # (V, H), (V,)
-        target = (flat.float() * weight[tgt].float()).sum(-1) + bias[tgt].float()  # (M,) fp32
+        target = (flat.float() * weight[tgt].float()).sum(-1)  # (M,) fp32
+        if bias is not None:
+            target = target + bias[tgt].float()
         dtype = compute_dtype(weight)
         if dtype != weight.dtype:
-            key = (weight._version, bias._version, weight.data_ptr(), dtype)
+            key = (weight._version, None if bias is None else bias._version, weight.data_ptr(), dtype)
             if getattr(self, "_lowp_key", None) != key:
-                self._lowp = (weight.to(dtype).t().contiguous(), bias.to(dtype))
+                self._lowp = (weight.to(dtype).t().contiguous(), None if bias is None else bias.to(dtype))
                 self._lowp_key = key
             w_t, b = self._lowp
         else:
@@ -143,7 +153,10 @@ class LSTMDecoder(nn.Module):
             # the max, the exp and the sum: one trip to memory instead of four.
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
-                logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
+                if b is None:
+                    logits = torch.mm(x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
+                else:
+                    logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])
                 lse[start:stop] = log_normalizer_(logits)
         return target - lse
 

@@ -20,6 +20,10 @@ class LSTMEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         emb = self.embed(tokens)  # (B, T+1, E)
+        if bool((lengths == tokens.size(1) - 1).all()):
+            # equal lengths (no padding): no packing, no sort and gathers
+            _, (h, _) = self.lstm(emb)
+            return h[-1]
         # lengths count targets; the encoder reads all lengths + 1 tokens.
         packed = pack_padded_sequence(emb, (lengths + 1).cpu(), batch_first=True, enforce_sorted=False)
         _, (h, _) = self.lstm(packed)
