@@ -174,6 +174,10 @@ def test_training_lowers_the_loss_and_translate_round_trips_a_file(tmp_path):
     assert cli(["evaluate", str(out), "--split", "test", "--limit", "20", "--beam", "2", "--json"]) == 0
     assert sorted(p.name for p in (out / "figures").glob("alignment_*.png")) == [
         "alignment_0.png", "alignment_1.png", "alignment_2.png"]
+    # the report of the run embeds them
+    assert cli(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    assert html.count("alignment_") >= 3
 
 
 def test_evaluate_reports_bleu_and_exact_nll(tmp_path, capsys):

@@ -180,7 +180,7 @@ def latent_statistics(system, dataset, batch_size: int = 50, seed: int = 0
     (``objective.evaluation_posterior``: the encoder's q, or SA-VAE's / SVI's refined one) over
     every example of ``dataset``; global RNG seeded with ``seed`` for any sampled KL."""
     model, posterior, objective = system.model, system.posterior, system.objective
-    if posterior is None:  # no q: no latent statistics
+    if posterior is None or model.latent == "local":  # no q, or no global z (alignments): no latent statistics
         return {"kl": 0.0, "mi": None, "au": None, "examples": len(dataset), "latent_of": None}, None
     stats = LatentStatistics(model.prior())
     device = module_device(system)

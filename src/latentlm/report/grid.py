@@ -135,9 +135,9 @@ def evaluate_run(directory: Path, job: GridJob) -> dict[str, Any]:
     metrics["gap"] = None
     metrics["latent_examples"] = len(test) if metrics["mi"] is not None else None
     posterior = system.posterior
-    if posterior is not None and system.model.latent != "local":  # alignments have no global z to plot
+    if posterior is not None:
         _, stats = latent_statistics(system, plotted, config.eval.batch_size, config.eval.seed)
-        means = stats.posterior_means()
+        means = None if stats is None else stats.posterior_means()
         if means is not None:  # the plot only: posterior means of every plotted sentence
             save_file({"means": means.contiguous().cpu()}, str(directory / "test_means.safetensors"))
     if job.gap_sentences and isinstance(posterior, GaussianPosterior):  # the gap refines a diagonal Gaussian
