@@ -32,7 +32,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from latentlm.config import load_config
-from latentlm.training.trainer import Trainer, autocast
+from engine_timing import time_trainer
+from latentlm.training.trainer import autocast
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ["soft", "exact", "hard", "variational_enum", "variational_sf", "variational_gumbel"]
@@ -79,16 +80,7 @@ def _config(row, steps, precision, data_dir):
 
 def time_engine(row, steps, precision, data_dir, out):
     shutil.rmtree(out, ignore_errors=True)
-    trainer = Trainer(_config(row, steps, precision, data_dir), out, progress=False)
-    trainer._setup()  # corpus reading and vocabulary building are not training
-    cfg = trainer.config
-    order = trainer.train_set.batch_indices(cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=0)[:steps]
-    tokens = sum(trainer.train_set.lengths[i] for b in order for i in b)
-    start = time.perf_counter()
-    trainer._fit()
-    elapsed = time.perf_counter() - start
-    trainer._metrics_fh.close()
-    return tokens / elapsed, trainer, order
+    return time_trainer(_config(row, steps, precision, data_dir), out)
 
 
 def time_bare(trainer, order, precision):

@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from latentlm.config import load_config
-from latentlm.training.trainer import Trainer, autocast
+from engine_timing import time_trainer
+from latentlm.training.trainer import autocast
 
 
 class BareVAE(nn.Module):
@@ -79,15 +80,8 @@ def time_engine(config_path, steps, precision, out):
     cfg = load_config(config_path, [f"train.max_steps={steps}", f"train.precision={precision}", "model.word_dropout=0",
                                     "train.checkpoint_every=1000000", "train.log_every=20",
                                     "data.valid_limit=32", "train.eval_every=1000000"])
-    trainer = Trainer(cfg, out, progress=False)
-    trainer._setup()  # corpus reading and vocabulary building are not training
-    batches = trainer.train_set.batch_indices(cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=0)[:steps]
-    tokens = sum(trainer.train_set.lengths[i] for b in batches for i in b)
-    start = time.perf_counter()
-    trainer._fit()
-    elapsed = time.perf_counter() - start
-    trainer._metrics_fh.close()
-    return tokens / elapsed, trainer
+    tps, trainer, _ = time_trainer(cfg, out)
+    return tps, trainer
 
 
 def main():
