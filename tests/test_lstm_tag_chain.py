@@ -275,3 +275,4 @@ train: {{epochs: 1, batch_size: 20, lr: 0.01, checkpoint_every: 1000, num_thread
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert math.isfinite(result["nll"]) and -result["nll"] >= result["elbo"] - 5.0
+

@@ -33,6 +33,7 @@ from torch.distributions import Distribution, register_kl
 from latentlm.data.batching import Batch
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.hmm import NON_EMITTED, HMMBase, words_of
+from latentlm.nn.factored_output import pairwise_target_log_probs
 from latentlm.structured import LinearChainCRF, hmm_log_likelihood
 from latentlm.structured.expectations import chain_expected_score
 
@@ -147,16 +148,36 @@ class LSTMTagChain(LatentVariableModel):
             log_emit = torch.log_softmax(self.dropout(self.state_emb) @ self.out_emb.t() + self._bias(), -1)
             scores = log_emit[z.clamp_min(0), words.expand_as(z)]  # (S, B, N)
             return torch.where(mask, scores, 0.0).sum(-1)
-        state = z @ self.state_emb if relaxed else self.state_emb[z.clamp_min(0)]  # (S, B, N, d)
-        hidden = state
+        if not relaxed:  # every tag scored at once, then the sampled paths read off: no (S, B, N, V) logits
+            table = self.emission_table(batch, N)  # (B, N, K)
+            scores = table.expand(z.size(0), -1, -1, -1).gather(-1, z.clamp_min(0)[..., None]).squeeze(-1)
+            return torch.where(mask, scores, 0.0).sum(-1)
+        hidden = self.dropout(z @ self.state_emb)  # (S, B, N, d): a relaxed path mixes the tag embeddings
         if self.use_lstm:
-            h, _ = self.lstm(self.dropout(self.in_emb(batch.tokens[:, :N])))  # (B, N, H): reads <s> w_1 .. w_{N-1}
-            hidden = hidden + self.context(self.dropout(h))[None]
-        hidden = self.dropout(hidden)
+            hidden = hidden + self._context(batch, N)[None]
         logits = hidden @ self.out_emb.t() + self._bias()  # (S, B, N, V)
         target = logits.gather(-1, words[None, :, :, None].expand(z.size(0), -1, -1, 1)).squeeze(-1)
         scores = target - torch.logsumexp(logits, -1)  # (S, B, N)
         return torch.where(mask, scores, 0.0).sum(-1)
+
+    def _context(self, batch: Batch, N: int) -> torch.Tensor:
+        """W h_t (B, N, d) after dropout, h_t the LSTM over <s> w_1 .. w_{N-1}."""
+        h, _ = self.lstm(self.dropout(self.in_emb(batch.tokens[:, :N])))
+        return self.dropout(self.context(self.dropout(h)))
+
+    def emission_table(self, batch: Batch, N: int | None = None) -> torch.Tensor:
+        """log p(w_t | z_t = k, h_t) for every position and tag, (B, N, K). The logits split into
+        a word part (W h_t) . u + b and a tag part s_k . u, so the K normalizers of a position are
+        one (V x K) product (:func:`latentlm.nn.factored_output.pairwise_target_log_probs`), not K
+        output layers. (Dropout falls on the two parts separately.)"""
+        words, _ = words_of(batch)
+        N = words.size(1) if N is None else N
+        tag_part = self.dropout(self.state_emb) @ self.out_emb.t()  # (K, V)
+        if not self.use_lstm:
+            word_part = self._bias().expand(words.size(0), N, -1)
+        else:
+            word_part = self._context(batch, N) @ self.out_emb.t() + self._bias()  # (B, N, V)
+        return pairwise_target_log_probs(word_part, tag_part, words)
 
     # ---- the HMM special case (lstm: false) --------------------------------------------
 

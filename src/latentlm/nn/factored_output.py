@@ -31,13 +31,17 @@ def exp_shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pairwise_target_log_probs(a: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(a_t + c_s)[y_t] for every target position t and source position s.
 
-    a (B, T, V), c (B, S, V), targets (B, T) -> (B, T, S) in fp32.
+    a (B, T, V), c (B, S, V) — or (S, V), one set of rows shared by the whole batch (a tag's
+    emission part) — targets (B, T) -> (B, T, S) in fp32.
     """
     with torch.autocast(a.device.type, enabled=False):
         A, a_shift = exp_shifted(a)
         C, c_shift = exp_shifted(c)
-        log_z = torch.bmm(A, C.transpose(1, 2)).clamp_min(_TINY).log()  # (B, T, S), shifts excluded
         a_y = a_shift.gather(-1, targets[..., None])  # (B, T, 1)
+        if c.dim() == 2:
+            log_z = torch.matmul(A, C.t()).clamp_min(_TINY).log()  # (B, T, S), shifts excluded
+            return a_y + c_shift.t()[targets] - log_z
+        log_z = torch.bmm(A, C.transpose(1, 2)).clamp_min(_TINY).log()
         c_y = c_shift.gather(-1, targets[:, None, :].expand(-1, c.size(1), -1)).transpose(1, 2)  # (B, T, S)
         return a_y + c_y - log_z
 
