@@ -78,8 +78,8 @@ def matmul_limit(reps: int = 10) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer", help="prepared checkout of jxhe/vae-lagging-encoder (setup_vae_peer.sh)")
-    ap.add_argument("--data", default="/work/shared/data/ptb" if Path("/work/shared/data/ptb").is_dir()
-                    else str(REPO.parent / "shared" / "data" / "ptb"))
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptb"),
+                    help="folder with ptb.{train,valid,test}.txt (default: ../shared/data/ptb beside the repository)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=40, help="timed training steps per rep and path")
     ap.add_argument("--warmup", type=int, default=10)
