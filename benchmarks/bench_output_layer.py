@@ -20,7 +20,7 @@ with torch.no_grad():
       t=time.perf_counter(); torch.mm(flat,W.t(),out=out); ts.append(time.perf_counter()-t)
   ts.sort(); print("pure mm GFLOP/s %.0f"%(2*M*256*10004/ts[2]/1e9))
   for rows in (16,32,64,128,256,512):
-    d.INFERENCE_BLOCK_ROWS=rows; d._logits_buffer=None
+    d.INFERENCE_BLOCK_ROWS={torch.float32: (rows, rows), torch.bfloat16: (rows, rows)}; d._logits_buffer=None
     for name,ctx in (("fp32",None),("bf16",torch.bfloat16)):
         def fn():
             if ctx is None: return d._inference_log_probs(flat,tgt)

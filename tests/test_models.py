@@ -103,7 +103,7 @@ def test_inference_log_probs_match_the_training_path():
     model = SentenceVAE(len(vocab), embed_dim=4, hidden_dim=5, latent_dim=2).eval()
     batch = TextDataset([["a", "b"], ["c", "a", "b", "b"]], vocab).make_batch([0, 1])
     z = torch.randn(3, 2, 2)
-    model.decoder.INFERENCE_BLOCK_ROWS = 4  # several blocks and a ragged last one
+    model.decoder.INFERENCE_BLOCK_ROWS = {torch.float32: (4, 2), torch.bfloat16: (4, 2)}  # several blocks, a ragged last one
     with torch.enable_grad():
         train_path = model.log_likelihood(batch, z)
     with torch.no_grad():

@@ -47,8 +47,10 @@ class LSTMDecoder(nn.Module):
     and is concatenated to every input embedding (He et al. 2019's sentence-VAE decoder).
     """
 
-    #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs)
-    INFERENCE_BLOCK_ROWS = 64
+    #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs), per
+    #: thread: one thread wants blocks that stay in cache (fp32 64, bf16 128 rows), several want
+    #: products large enough to split (fp32 512 rows a thread; BENCHMARKS.md "IS block rows")
+    INFERENCE_BLOCK_ROWS = {torch.float32: (64, 512), torch.bfloat16: (128, 128)}
 
     def __init__(
         self,
@@ -142,9 +144,11 @@ class LSTMDecoder(nn.Module):
         else:
             w_t, b = weight.t(), bias
         M, V = flat.size(0), weight.size(0)
-        rows = self.INFERENCE_BLOCK_ROWS
+        threads = torch.get_num_threads()
+        single, per_thread = self.INFERENCE_BLOCK_ROWS.get(dtype, (64, 64))
+        rows = single if threads == 1 else per_thread * threads
         buf = getattr(self, "_logits_buffer", None)
-        if buf is None or buf.dtype != dtype:
+        if buf is None or buf.dtype != dtype or buf.size(0) != rows:
             buf = self._logits_buffer = torch.empty(rows, V, dtype=dtype, device=flat.device)
         x = flat.to(dtype)
         lse = torch.empty(M, dtype=torch.float32, device=flat.device)
