@@ -119,7 +119,7 @@ def flops_per_token(trainer, row):
     ds = trainer.train_set
     T = sum(ds.lengths) / len(ds)
     S = sum(len(s) for s in ds.sources) / len(ds)
-    V, Vs = len(trainer.vocab), len(trainer.vocab.source)
+    V = len(trainer.vocab)
     m = trainer.config.model
     E, H = m["embed_dim"], m["hidden_dim"]
     enc = S * 2 * 4 * (H // 2) * (E + H // 2)        # BiLSTM
@@ -129,7 +129,6 @@ def flops_per_token(trainer, row):
     per_sentence = enc + dec + attn + out
     if row.startswith("variational"):
         per_sentence += (S + T) * 2 * 4 * (H // 2) * (E + H // 2) + S * H * H + T * S * H
-    del Vs
     return 3 * 2 * per_sentence / T
 
 

@@ -112,9 +112,8 @@ def _corpus_folder(d: "DataConfig") -> Path | None:
 
 
 def _split_file(d: "DataConfig", folder: Path | None, split: str) -> Path | None:
-    if d.format == "parallel":  # the source side's file; the target's is beside it
-        name = d.files[split] if d.files and split in d.files else f"{split}.{d.source_lang}"
-        return _resolve(folder, name) if d.files is None or split in d.files else None
+    if d.format == "parallel" and not d.files:  # the source side's file; the target's is beside it
+        return _resolve(folder, f"{split}.{d.source_lang}")
     if d.files:
         return _resolve(folder, d.files[split]) if split in d.files else None
     return split_path(folder, split, must_exist=False) if folder is not None else None

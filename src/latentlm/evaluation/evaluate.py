@@ -101,8 +101,7 @@ def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int =
     totals = {"nll": 0.0, "elbo": 0.0, "kl": 0.0}
     # q(z | x) is scored wherever there is one: the encoder's, or (no encoder, no exact marginal:
     # e.g. structured mean field on a factorial HMM too large to enumerate) the objective's own
-    # (not for a latent per target position — alignments have no global z to describe)
-    stats = LatentStatistics(model.prior()) if model.latent != "local" and (
+    stats = LatentStatistics(model.prior()) if LatentStatistics.describes(model) and (
         posterior is not None or not model.has_exact_marginal) else None
     usage: dict[str, list[torch.Tensor]] = {"exact": [], "q": []}
     autocast(precision, device)  # an unknown precision fails here, before any work

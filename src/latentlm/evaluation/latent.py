@@ -91,6 +91,12 @@ class LatentStatistics:
     * any other q (a chain CRF): MI and AU None.
     """
 
+    @staticmethod
+    def describes(model) -> bool:
+        """Whether the model has one z per example for these statistics to describe; a latent per
+        target position (attention's alignments, ``latent == "local"``) has no KL / MI / AU here."""
+        return model.latent != "local"
+
     def __init__(self, prior: Distribution, kl_samples: int = 1, mi_samples: int = MI_SAMPLES):
         self.prior, self.kl_samples, self.mi_samples = prior, kl_samples, mi_samples
         self.kl_total, self.examples = 0.0, 0
@@ -180,7 +186,7 @@ def latent_statistics(system, dataset, batch_size: int = 50, seed: int = 0
     (``objective.evaluation_posterior``: the encoder's q, or SA-VAE's / SVI's refined one) over
     every example of ``dataset``; global RNG seeded with ``seed`` for any sampled KL."""
     model, posterior, objective = system.model, system.posterior, system.objective
-    if posterior is None or model.latent == "local":  # no q, or no global z (alignments): no latent statistics
+    if posterior is None or not LatentStatistics.describes(model):  # no q, or no global z: no latent statistics
         return {"kl": 0.0, "mi": None, "au": None, "examples": len(dataset), "latent_of": None}, None
     stats = LatentStatistics(model.prior())
     device = module_device(system)

@@ -134,7 +134,7 @@ class LocalELBO(Objective):
         terms, prior, q = self.distributions(model, posterior, batch)
         table = terms.log_likelihood_table()
         mask = terms.mask.to(table.dtype)
-        log_px = (torch.logsumexp(terms.prior_logits.float() + table, -1) * mask).sum(-1)
+        log_px = terms.log_marginal(table)
         kl = (kl_divergence(q, prior) * mask).sum(-1) if posterior is not None else torch.zeros_like(log_px)
         rec = ((q.probs.float() * table).sum(-1) * mask).sum(-1)
         return {"log_marginal": log_px, "elbo": rec - kl, "kl": kl}

@@ -151,6 +151,12 @@ class LocalTerms(ABC):
     def log_likelihood_table(self) -> torch.Tensor:
         """log p(y_t | z_t = s) for every (t, s), (B, T, S) — what enumeration needs."""
 
+    def log_marginal(self, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(y | x) (B,): sum_t log sum_s p(z_t = s) p(y_t | z_t = s); ``table`` is
+        :meth:`log_likelihood_table` when the caller already has it."""
+        table = self.log_likelihood_table() if table is None else table
+        return (torch.logsumexp(self.prior_logits.float() + table, -1) * self.mask).sum(-1)
+
     @abstractmethod
     def log_likelihood_at(self, weights: torch.Tensor) -> torch.Tensor:
         """(B, T) log p(y_t | ...) with the alignment given as weights (B, T, S) over source
@@ -171,9 +177,7 @@ class LocalLatentModel(LatentVariableModel):
         """The prior and the output of every position of ``batch`` (one decoder pass)."""
 
     def log_marginal(self, batch) -> torch.Tensor:
-        terms = self.local_terms(batch)
-        per_token = torch.logsumexp(terms.prior_logits.float() + terms.log_likelihood_table(), -1)  # (B, T)
-        return (per_token * terms.mask).sum(-1)
+        return self.local_terms(batch).log_marginal()
 
 
 class ConditionalGenerator(ABC):

@@ -84,9 +84,8 @@ def validate(system: System, dataset: TextDataset, batch_size: int, precision: s
     system.eval()
     device = module_device(system)
     sums = torch.zeros(4, dtype=torch.float64)  # -bound, -reconstruction, examples, tokens
-    # KL / MI / AU of a global z; a latent per target position (alignments) has none of these
-    stats = LatentStatistics(system.model.prior()) if system.posterior is not None and system.model.latent != "local" \
-        else None
+    stats = LatentStatistics(system.model.prior()) if system.posterior is not None and \
+        LatentStatistics.describes(system.model) else None
     shards = []  # (batch number, that batch's LatentStatistics) of this rank
     for number, idx in enumerate(dataset.batch_indices(batch_size)):
         if number % world != rank:
