@@ -73,3 +73,28 @@ def test_training_time_adds_up_the_segments_of_a_resumed_run(tmp_path):
     rows = ["split,step,elapsed_s", "train,50,10.0", "train,100,20.0", "valid,100,", "train,150,4.0", "train,200,9.0"]
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     assert _training_seconds(tmp_path) == pytest.approx(29.0)
+
+
+def test_reference_and_goal_columns_are_paired_by_seed_and_kept_for_redraws(grid):
+    """--reference adds NLL minus the reference row's, paired by seed; --goal says per row which
+    terms its means fail; both are saved so a redraw (report, --report-only) keeps them."""
+    from latentlm.errors import ConfigError
+    from latentlm.report.grid import collect, parse_goal, write_report
+
+    out, configs, _, _ = grid
+    table = write_report(out, configs, reference="tiny_lm", goal="au>=0,kl>=1000,nll<=ref")
+    header, *_, lm_line, vae_line = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "ΔNLL vs tiny lm" in header and "goal (au>=0,kl>=1000,nll<=ref)" in header
+    runs = {(Path(r["config"]).stem, r["seed"]): r for row in collect(out, configs) for r in row["runs"]}
+    deltas = [runs["tiny_vae", s]["nll"] - runs["tiny_lm", s]["nll"] for s in (0, 1)]
+    mean = sum(deltas) / 2
+    sd = abs(deltas[0] - deltas[1]) / 2 ** 0.5
+    assert f"{mean:.2f} ± {sd:.2f}" in vae_line
+    assert "no: KL" in vae_line and "not >= 1000" in vae_line and "AU" not in vae_line.split("no:")[1]
+    lm_cells = [c.strip() for c in lm_line.split("|")]
+    assert lm_cells[header.split("|").index(" ΔNLL vs tiny lm ")] == "–"  # the reference itself
+    assert "ΔNLL vs tiny lm" in write_report(out, configs)  # saved with the grid
+    assert parse_goal("kl >= 5, mi>=2,nll<=ref") == [("kl", ">=", 5.0), ("mi", ">=", 2.0), ("nll", "<=", None)]
+    for bad in ("kl=>5", "klx>=5", "kl>=five"):
+        with pytest.raises(ConfigError, match="grid --goal"):
+            parse_goal(bad)

@@ -345,8 +345,12 @@ def _cmd_bench(args) -> int:
 
 def _cmd_grid(args) -> int:
     from latentlm.report.document import build_report
-    from latentlm.report.grid import run_grid, update_results_file, write_report
+    from latentlm.report.grid import run_grid, run_label, settings, update_results_file, write_report
 
+    if args.reference and args.reference not in {n for c in args.configs for n in (c, Path(c).stem, run_label(c))}:
+        raise ConfigError(f"grid --reference {args.reference!r} names none of the configs given")
+    if args.reference or args.goal:
+        settings(args.out, args.reference, args.goal)  # checked (and saved for redraws) before any training
     try:
         if not args.report_only:
             run_grid(args.configs, args.out, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
@@ -355,7 +359,7 @@ def _cmd_grid(args) -> int:
                      device=args.device, backend=args.backend, address=args.address,
                      cpus_per_task=args.cpus_per_task)
     finally:  # failed rows too: the report says which and why
-        table = write_report(args.out, args.configs)
+        table = write_report(args.out, args.configs, reference=args.reference, goal=args.goal)
         if Path(args.out).is_dir():
             print(f"[grid] report: {build_report([args.out], args.out)}", file=sys.stderr)
     if args.results:
@@ -513,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rebuild table and plots from finished runs")
     p.add_argument("--device", help="train.device for every row's training and evaluation: auto | cpu | cuda | "
                                     "cuda:N (default: each config's own)")
+    p.add_argument("--reference", help="a row (config stem or label, e.g. 00_lm): adds each row's NLL minus its, "
+                                       "paired by seed")
+    p.add_argument("--goal", help="what a row must show, on its means, e.g. 'kl>=5,mi>=2,au>=10,nll<=ref' "
+                                  "('ref': the --reference row's mean); adds a goal column")
     p.add_argument("--results", help="also write the table into this markdown file between grid markers")
     p.add_argument("--name", help="marker name in --results (default: the --out folder's name)")
     p.set_defaults(func=_cmd_grid)

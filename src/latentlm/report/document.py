@@ -217,22 +217,17 @@ def build_report(sources: list[str | Path], out: str | Path) -> Path:
 
 
 def _grid_section(report: Report, folder: Path, stems: list[str]) -> None:
-    from latentlm.report.grid import COLUMNS, collect, format_cell
+    from latentlm.report.grid import collect, settings, table
 
     rows = collect(folder, stems)
+    chosen = settings(folder)
     report.heading(2, f"Grid {folder.name}")
     report.text("Each cell: mean ± sample standard deviation over the row's n seeds, then the 95 % confidence "
                 "interval of the mean [Student's t, n − 1 degrees of freedom]; test split as evaluated by "
-                "`latentlm grid` (see grid.md there for the protocol).")
-    columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
-    body = []
-    for row in rows:
-        collapsed = [str(r["seed"]) for r in row["runs"] if r.get("collapsed_at") is not None]
-        body.append([row["label"], str(len(row["runs"])),
-                     *(format_cell(row["stats"].get(key), digits) for key, _, digits in columns),
-                     f"seeds {', '.join(collapsed)}" if collapsed else "–",
-                     "; ".join(f"seed {f['seed']}: {f['error']}" for f in row["failed"]) or "–"])
-    report.table(["row", "n", *(title for _, title, _ in columns), "collapsed", "failed"], body)
+                "`latentlm grid` (see grid.md there for the protocol)."
+                + (f" ΔNLL: minus the {chosen['reference']} row's NLL, paired by seed." if chosen["reference"] else "")
+                + (f" Goal: {chosen['goal']}, on the means." if chosen["goal"] else ""))
+    report.table(*table(rows, **chosen))
     for row in rows:
         for run in sorted(Path(row["dir"]).glob("seed*")):
             if _is_run(run):

@@ -330,32 +330,130 @@ def format_cell(stat: dict[str, Any] | None, digits: int, interval: bool = True)
     return text
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per config, mean ± sample sd [95 % CI] over its n seeds, the
-    seeds whose run collapsed, and the failed seeds with their error; a column no row has (MI
-    for discrete latents, components for continuous ones) is left out."""
+GOAL_TERM = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*(ref|[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
+SETTINGS = "grid_settings.json"  # the --reference / --goal of the last `latentlm grid` into this folder
+
+
+def parse_goal(text: str | None) -> list[tuple[str, str, float | None]]:
+    """``"kl>=5, mi>=2, au>=10, nll<=ref"`` -> [(key, op, bound)], bound None for ``ref`` (the
+    reference row's mean). Keys are the table's columns (nll, ppl, neg_elbo, kl, mi, au, bleu, ...)."""
+    terms = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        match = GOAL_TERM.match(part)
+        keys = [key for key, _, _ in COLUMNS]
+        if match is None or match.group(1) not in keys:
+            raise ConfigError(f"grid --goal: cannot read {part.strip()!r}; write terms like 'kl>=5' or 'nll<=ref', "
+                              f"comma-separated, with keys from {', '.join(keys)}")
+        key, op, bound = match.groups()
+        terms.append((key, op, None if bound == "ref" else float(bound)))
+    return terms
+
+
+def _find_reference(rows: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    for row in rows:
+        if reference in (row["label"], Path(row["config"]).stem, str(row["config"])):
+            return row
+    raise ConfigError(f"grid --reference {reference!r}: no such row (rows: "
+                      f"{', '.join(Path(r['config']).stem for r in rows)})")
+
+
+def compare(rows: list[dict[str, Any]], reference: str | None = None, goal: str | None = None) -> None:
+    """Add to each row ``vs_reference`` (NLL minus the reference row's, paired by seed: the same
+    seed is the same data order and initialization draw, so the pairs' spread is what a seed
+    changes; :func:`summarize`d) and ``goal`` (whether the row's means meet every ``goal``
+    term, and which fail)."""
+    terms = parse_goal(goal)
+    if any(bound is None for _, _, bound in terms) and not reference:
+        raise ConfigError("grid --goal compares with 'ref' but no --reference row is given")
+    ref = _find_reference(rows, reference) if reference and any(r["runs"] for r in rows) else None
+    ops = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+    titles = {key: title for key, title, _ in COLUMNS}
+    for row in rows:
+        if ref is not None:
+            ref_nll = {r["seed"]: r["nll"] for r in ref["runs"]}
+            deltas = [r["nll"] - ref_nll[r["seed"]] for r in row["runs"] if r["seed"] in ref_nll]
+            row["vs_reference"] = summarize(deltas) if deltas and row is not ref else None
+        if not terms or not row["runs"]:
+            continue
+        misses = []
+        for key, op, bound in terms:
+            stat = row["stats"].get(key)
+            target = ref["stats"].get(key) if bound is None and ref is not None else None
+            limit = bound if bound is not None else (target["mean"] if target else None)
+            if stat is None or limit is None:
+                misses.append(f"no {titles[key]}")
+            elif not ops[op](float(stat["mean"]), float(limit)):
+                against = f"{ref['label']}'s {limit:.2f}" if bound is None else f"{limit:g}"
+                misses.append(f"{titles[key]} {stat['mean']:.2f} not {op} {against}")
+        row["goal"] = "yes" if not misses else "no: " + "; ".join(misses)
+
+
+def table(rows: list[dict[str, Any]], reference: str | None = None,
+          goal: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """The grid's table as a header and body rows (markdown here, HTML in the report): per
+    config n, steps, mean ± sample sd [95 % CI] of each column over its seeds, the NLL
+    difference to ``reference`` and whether ``goal`` holds (see :func:`compare`), the seeds
+    whose run collapsed, and the failed seeds with their error; a column no row has (MI for
+    discrete latents, components for continuous ones) is left out."""
+    compare(rows, reference, goal)
     columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
-    head = "| row | n | steps | " + " | ".join(title for _, title, _ in columns) + " | collapsed | failed |"
-    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " | --- | --- |"]
+    extra = ([f"ΔNLL vs {_find_reference(rows, reference)['label']}"] if reference and any(r["runs"] for r in rows)
+             else [])
+    extra += [f"goal ({goal})"] if goal else []
+    header = ["row", "n", "steps", *(title for _, title, _ in columns), *extra, "collapsed", "failed"]
+    body = []
     for row in rows:
         cells = [format_cell(row["stats"].get(key), digits) for key, _, digits in columns]
+        if len(extra) > bool(goal):
+            cells.append(format_cell(row.get("vs_reference"), 2) if row.get("vs_reference") else "–")
+        if goal:
+            cells.append(row.get("goal", "–"))
         steps = "/".join(sorted({str(r["steps"]) for r in row["runs"]})) or "–"
         collapsed = [str(r["seed"]) for r in row["runs"] if r.get("collapsed_at") is not None]
         collapsed_cell = f"{len(collapsed)}/{len(row['runs'])} (seed {', '.join(collapsed)})" if collapsed else "–"
         failed = "; ".join(f"seed {f['seed']}: {f['error']}".replace("|", "/").replace("\n", " ")[:160]
                            for f in row.get("failed", [])) or "–"
-        lines.append(f"| {row['label']} | {len(row['runs'])} | {steps} | " + " | ".join(cells)
-                     + f" | {collapsed_cell} | {failed} |")
+        body.append([row["label"], str(len(row["runs"])), steps, *cells, collapsed_cell, failed])
+    return header, body
+
+
+def format_table(rows: list[dict[str, Any]], reference: str | None = None, goal: str | None = None) -> str:
+    """:func:`table` as Markdown."""
+    header, body = table(rows, reference, goal)
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---" if h in ("row", "collapsed", "failed") or h.startswith("goal") else "---:"
+                               for h in header) + " |"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def write_report(out: str | Path, configs: list[str]) -> str:
-    """``grid.md``, ``grid.json`` and the two plots into ``out``; returns the table."""
+def settings(out: str | Path, reference: str | None = None, goal: str | None = None) -> dict[str, str | None]:
+    """The table's ``reference`` and ``goal``: the ones given (saved into ``out``), else the
+    ones saved by the last grid into ``out``, so a redraw (``--report-only``, ``latentlm report``)
+    keeps them."""
+    from latentlm.io import atomic_write_text
+
+    path = Path(out) / SETTINGS
+    if reference is None and goal is None:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"reference": None, "goal": None}
+    parse_goal(goal)  # a typo fails before any training
+    chosen = {"reference": reference, "goal": goal}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(chosen))
+    return chosen
+
+
+def write_report(out: str | Path, configs: list[str], reference: str | None = None, goal: str | None = None) -> str:
+    """``grid.md``, ``grid.json`` and the two plots into ``out``; returns the table (with the
+    ``reference`` / ``goal`` columns given, or saved there by the last grid: :func:`settings`)."""
     from latentlm.io import atomic_write_text
 
     out = Path(out)
     rows = collect(out, configs)
-    table = format_table(rows)
+    chosen = settings(out, reference, goal)
+    table = format_table(rows, **chosen)
     if not any(row["runs"] for row in rows):
         if rows:
             atomic_write_text(out / "grid.md", table + "\n")
@@ -371,7 +469,11 @@ def write_report(out: str | Path, configs: list[str]) -> str:
             f"and no active unit twice in a row; "
             f"PPL per token incl. </s>; "
             + (f"MI and AU from the encoder over the first {latent_n} test sentences; " if latent_n else "")
-            + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO.")
+            + "amortization gap = ELBO after per-example optimization of q minus the encoder's ELBO."
+            + (f" ΔNLL: the row's NLL minus the {chosen['reference']} row's, paired by seed (mean ± sd [95 % CI] of "
+               f"the n differences; below 0 is better)." if chosen["reference"] else "")
+            + (f" Goal ({chosen['goal']}): checked on the row's means ('ref': the reference row's mean); a "
+               f"'no' names each term that fails." if chosen["goal"] else ""))
     atomic_write_text(out / "grid.md", table + "\n\n" + note + "\n")
     atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
     rows = [row for row in rows if row["runs"]]
