@@ -239,11 +239,13 @@ def test_with_the_lstm_off_the_crf_posterior_trained_by_the_elbo_approaches_the_
         log_px = model.exact_log_marginal(batch)
         exact = model.exact_posterior(batch)
         gap = log_px - elbo  # = KL(q || p(z | x)) per sentence, exactly
-        sampled = objective(model, posterior, batch).bound  # the reported bound agrees with the exact ELBO
+        # the reported bound agrees with the exact ELBO (256 draws: its Monte Carlo error ~0.05 nats)
+        sampled = ELBO(samples=256, estimator={"type": "score_function", "baseline": "leave_one_out"})(
+            model, posterior, batch).bound
         marg_err = (torch.where(mask, q.marginals - exact.marginals, 0.0)).abs().max()
     assert float(gap.min()) > -1e-4
     assert float(gap.mean()) < 0.5, f"ELBO {float(gap.mean()):.3f} nats per sentence below log p(x)"
-    assert float((sampled - elbo).mean().abs()) < 0.5
+    assert float((sampled - elbo).mean().abs()) < 0.15
     assert float(marg_err) < 0.25
 
 

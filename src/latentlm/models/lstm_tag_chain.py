@@ -35,7 +35,7 @@ from latentlm.models.base import LatentVariableModel
 from latentlm.models.hmm import NON_EMITTED, HMMBase, words_of
 from latentlm.nn.factored_output import pairwise_target_log_probs
 from latentlm.structured import LinearChainCRF, hmm_log_likelihood
-from latentlm.structured.expectations import chain_expected_score
+from latentlm.structured.expectations import chain_expectations
 
 
 class MarkovChainPrior(Distribution):
@@ -73,21 +73,29 @@ class MarkovChainPrior(Distribution):
     def expected_log_prob(self, q: LinearChainCRF) -> torch.Tensor:
         """E_q log p(z) (B,) exactly from q's marginals (first tag x log init, edges x log trans,
         last tag x log STOP); differentiable in q's scores and in p."""
+        return self.expectations(q)[1]
+
+    def expectations(self, q: LinearChainCRF) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E_q log q(z), E_q log p(z)), each (B,), from one sweep of
+        :func:`~latentlm.structured.expectations.chain_expectations`."""
         K, n = self.num_states, q.lengths
         B, T, _ = q.unary.shape
         if T == 0:
-            return self.log_init[K].expand(B)
+            zero = q.unary.sum(dim=(1, 2))
+            return zero, self.log_init[K].expand(B) + zero
         last = torch.arange(T, device=n.device)[None, :] == (n - 1)[:, None]  # (B, T)
         stop = torch.where(last[..., None], self.log_trans[:, K], 0.0)      # (B, T, K)
         init, trans = self.log_init[:K].to(stop.dtype), self.log_trans[:, :K].to(stop.dtype)
-        cross = chain_expected_score(q.init, q.potentials, q.unary, n, init, trans, stop.to(q.unary.dtype))
-        return torch.where(n > 0, cross, self.log_init[K])
+        neg_entropy, cross = chain_expectations(q.init, q.potentials, q.unary, n, init, trans,
+                                                stop.to(q.unary.dtype))
+        return neg_entropy, torch.where(n > 0, cross, self.log_init[K])
 
 
 @register_kl(LinearChainCRF, MarkovChainPrior)
 def _kl_chain_crf_markov_chain(q: LinearChainCRF, p: MarkovChainPrior) -> torch.Tensor:
-    """KL(q || p) = -H(q) - E_q log p(z), (B,): exact entropy and exact cross term."""
-    return -q.entropy() - p.expected_log_prob(q)
+    """KL(q || p) = E_q log q(z) - E_q log p(z), (B,): exact, both terms from one sweep."""
+    neg_entropy, cross = p.expectations(q)
+    return neg_entropy - cross
 
 
 class LSTMTagChain(LatentVariableModel):

@@ -19,8 +19,9 @@ copy of the emissions, instead of autograd's K x K tensor per step. When a gradi
 itself be differentiated (``create_graph=True``, or :func:`chain_marginals` of inputs that
 require grad) the backward differentiates the plain semiring recursion of
 :mod:`latentlm.structured.reference` instead, which is differentiable to any order.
-:func:`chain_entropy` is written with ordinary autograd operations so inference networks
-can be trained through it. :class:`~latentlm.structured.reference.ReferenceChain` is the
+:func:`chain_entropy` (with the expected scores and KL terms of
+:mod:`latentlm.structured.expectations`) has a hand-written backward sweep too, so inference
+networks train through it without a (B, T, K, K) tape. :class:`~latentlm.structured.reference.ReferenceChain` is the
 specification all of these are tested against.
 """
 
@@ -36,6 +37,7 @@ from latentlm.structured._engine import (
     max_matvec,
     step_trans,
 )
+from latentlm.structured.expectations import chain_entropy
 
 _METHODS = ("auto", "log")
 
@@ -162,45 +164,6 @@ def chain_sample(
         z = torch.where(valid, z_new, z)
         out[:, :, t] = torch.where(valid, z_new, -1)
     return out
-
-
-def chain_entropy(
-    init: torch.Tensor | None, trans: torch.Tensor, unary: torch.Tensor, lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Entropy H[p(z | x)] (B,) in nats, differentiable by ordinary autograd.
-
-    Forward recursion of Hernando et al. (2005): with q_t(i | j) = p(z_{t-1} = i | z_t = j, x_{1:t})
-    ∝ alpha_{t-1}(i) exp(trans(i, j)),
-
-        H_t(j) = sum_i q_t(i | j) [H_{t-1}(i) - log q_t(i | j)],
-        H      = sum_j p(z_L = j | x) [H_L(j) - log p(z_L = j | x)].
-
-    O(B K^2) memory per step (kept by autograd), fine for the K of tagging models. -inf scores
-    are clamped to a huge negative finite number, so impossible transitions have probability
-    exactly 0 and produce no NaN in either pass.
-    """
-    lengths = check_chain(init, trans, unary, lengths)
-    B, T, K = unary.shape
-    if T == 0:
-        return unary.sum(dim=(1, 2))  # no positions: entropy 0, still on the graph
-    big = torch.finfo(unary.dtype).max / 16
-    unary = unary.clamp_min(-big)
-    trans = trans.clamp_min(-big)
-    init = None if init is None else init.clamp_min(-big)
-    la = unary[:, 0] if init is None else unary[:, 0] + init  # (B, K)
-    H = torch.zeros_like(la)
-    for t in range(1, T):
-        s = la.unsqueeze(-1) + step_trans(trans, t)  # (B, K_prev, K_next)
-        norm = torch.logsumexp(s, dim=1)  # (B, K)
-        logq = s - norm.unsqueeze(1)
-        h_new = (logq.exp() * (H.unsqueeze(-1) - logq)).sum(1)  # (B, K)
-        valid = (t < lengths)[:, None]
-        H = torch.where(valid, h_new, H)
-        la = torch.where(valid, norm + unary[:, t], la)
-    log_z = torch.logsumexp(la, dim=-1, keepdim=True)
-    logp = la - log_z
-    ent = (logp.exp() * (H - logp)).sum(-1)
-    return torch.where(lengths > 0, ent, 0.0)
 
 
 def chain_score(
