@@ -92,49 +92,64 @@ def _padded_segments(seg: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Forward:
     alpha: torch.Tensor     # (T, B, K) log a_e, e = 1..T at index e-1
-    enter: torch.Tensor     # (T+D-1, B, K) log A_s at index D-1+s; -inf before the sequence
-    ea: torch.Tensor        # (T, B, K) exp(a_e - max_k a_e), the matrix product's left factor
-    prod: torch.Tensor      # (T, B, K) the product exp(A - m - colmax); +inf where a step was done in log space
+    enter: torch.Tensor     # (T+D-1, B, K) log A_s - colmax at index D-1+s; -inf before the sequence
+    ea: torch.Tensor        # (T, B, K) exp(a_e - M_e) (M_e a per-row shift), the matrix product's left factor
+    prod: torch.Tensor      # (T, B, K) the product exp(A - M - colmax); +inf where a step was done in log space
     exact: torch.Tensor     # (T, B) bool: the row's step was done in log space
     exp_trans: torch.Tensor  # (K, K) exp(trans - colmax)
-    padded: torch.Tensor    # (T+D-1, D, B, K) masked, padded, time-major seg
+    colmax: torch.Tensor    # (K,) the column maxima of trans, kept out of enter and added to every segment score
+    padded: torch.Tensor    # (T+D-1, D, B, K) masked, padded, time-major seg + colmax
     log_z: torch.Tensor     # (B,)
 
 
-def _recursion(enter, by_end, alpha, ea, prod, exp_trans, colmax, trans, exact: bool) -> None:
-    """Fill alpha, enter (and ea, prod unless ``exact``) in place, step by step."""
+def _fast_recursion(enter, by_end, alpha, ea, prod, exp_trans) -> None:
+    """Fill alpha, enter, ea and prod in place, step by step: 13 tensor operations a step.
+
+    alpha_e = log s_e + m_e with s_e = Σ_d exp(A + seg - m_e) is finished after the loop, so
+    a step needs only s_e and m_e: the product's left factor exp(a_e - M_e) = s_e exp(m_e - M_e)
+    with M_e = max_k m_e (s_e >= 1 wherever m_e is finite, so the factor's maximum is >= 1 and
+    <= D: no under- or overflow from the shift). colmax is folded into the segment scores."""
     T, D, B, K = by_end.shape
     lo = torch.finfo(alpha.dtype).min
     w = torch.empty(D, B, K, dtype=alpha.dtype, device=alpha.device)
+    m = torch.empty(T, B, K, dtype=alpha.dtype, device=alpha.device)
     for e in range(1, T + 1):
         torch.add(enter[e - 1 : e - 1 + D], by_end[e - 1], out=w)  # (D, B, K) lengths D..1
-        m = w.amax(0).clamp_min_(lo)  # (B, K); lo (not -inf) keeps w - m NaN-free
-        w.sub_(m).exp_()
-        a = torch.sum(w, 0, out=alpha[e - 1]).log_().add_(m)
+        me = torch.amax(w, 0, out=m[e - 1]).clamp_min_(lo)  # lo (not -inf) keeps w - m NaN-free
+        w.sub_(me).exp_()
+        s = torch.sum(w, 0, out=alpha[e - 1])
         if e == T:
             break
-        if exact:
-            enter[D - 1 + e] = log_matvec(a, trans)
-            continue
-        m2 = a.amax(1, keepdim=True).clamp_min_(lo)  # (B, 1)
-        x = torch.sub(a, m2, out=ea[e - 1]).exp_()
+        M = me.amax(1, keepdim=True)  # (B, 1)
+        x = torch.sub(me, M, out=ea[e - 1]).exp_().mul_(s)
         p = torch.mm(x, exp_trans, out=prod[e - 1])  # (B, K)
-        torch.log(p, out=enter[D - 1 + e]).add_(m2).add_(colmax)
+        torch.log(p, out=enter[D - 1 + e]).add_(M)
+    alpha.log_().add_(m)
+
+
+def _exact_recursion(enter, by_end, alpha, trans, colmax) -> None:
+    """The same recursion entirely in log space (for rows where a product lost precision)."""
+    T, D = by_end.shape[:2]
+    for e in range(1, T + 1):
+        a = torch.logsumexp(enter[e - 1 : e - 1 + D] + by_end[e - 1], 0)  # exact for -inf
+        alpha[e - 1] = a
+        if e < T:
+            enter[D - 1 + e] = log_matvec(a, trans) - colmax
 
 
 def _forward(init, trans, seg, lengths) -> _Forward:
     B, T, D, K = seg.shape
     dtype, dev = seg.dtype, seg.device
-    padded = _padded_segments(seg, lengths)
-    by_end = _by_end(padded, T)
     colmax = _safe_amax(trans, 0)  # (K,)
+    padded = _padded_segments(seg, lengths).add_(colmax)  # enter is kept minus colmax: the sums are unchanged
+    by_end = _by_end(padded, T)
     exp_trans = torch.exp(trans - colmax)
     alpha = torch.empty(T, B, K, dtype=dtype, device=dev)
     ea = torch.zeros(T, B, K, dtype=dtype, device=dev)  # the last step is never a left factor
     prod = torch.full((T, B, K), torch.inf, dtype=dtype, device=dev)
     enter = torch.full((T + D - 1, B, K), -torch.inf, dtype=dtype, device=dev)
-    enter[D - 1] = 0.0 if init is None else init
-    _recursion(enter, by_end, alpha, ea, prod, exp_trans, colmax, trans, exact=False)
+    enter[D - 1] = (0.0 if init is None else init) - colmax
+    _fast_recursion(enter, by_end, alpha, ea, prod, exp_trans)
     # A product entry below sqrt(tiny) may have lost precision: redo those rows in log space.
     tiny = torch.finfo(dtype).tiny ** 0.5
     low = ((prod[: T - 1] < tiny).any(2) & (alpha[: T - 1] > -torch.inf).any(2)).any(0)  # (B,)
@@ -143,13 +158,13 @@ def _forward(init, trans, seg, lengths) -> _Forward:
         rows = low.nonzero().squeeze(1)
         sub_enter = enter[:, rows].clone()
         sub_alpha = alpha[:, rows].clone()
-        _recursion(sub_enter, by_end[:, :, rows], sub_alpha, None, None, None, None, trans, exact=True)
+        _exact_recursion(sub_enter, by_end[:, :, rows], sub_alpha, trans, colmax)
         enter[:, rows], alpha[:, rows] = sub_enter, sub_alpha
         ea[:, rows], prod[:, rows] = 0.0, torch.inf
         exact[: T - 1, rows] = True
     last = alpha[(lengths - 1).clamp_min(0), torch.arange(B, device=dev)]  # (B, K)
     log_z = torch.where(lengths > 0, torch.logsumexp(last, -1), torch.zeros((), dtype=dtype, device=dev))
-    return _Forward(alpha, enter, ea, prod, exact, exp_trans, padded, log_z)
+    return _Forward(alpha, enter, ea, prod, exact, exp_trans, colmax, padded, log_z)
 
 
 class SemiMarkovLogPartition(torch.autograd.Function):
@@ -197,7 +212,7 @@ class SemiMarkovLogPartition(torch.autograd.Function):
                 g_a.addcmul_(fw.ea[e - 1], re @ eT)
                 if exact_steps[e - 1]:
                     sub = fw.exact[e - 1].nonzero().squeeze(1)
-                    A = fw.enter[D - 1 + e, sub]
+                    A = fw.enter[D - 1 + e, sub] + fw.colmax  # enter is kept minus colmax
                     A = torch.where(torch.isfinite(A), A, 0.0)
                     w = torch.exp(fw.alpha[e - 1, sub][:, :, None] + trans[None] - A[:, None, :]) * gA[sub, None, :]
                     g_a[sub] += w.sum(2)  # (R, K, K) only for the rows done in log space
