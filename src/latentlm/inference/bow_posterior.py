@@ -9,6 +9,7 @@ from torch import nn
 
 from latentlm.inference.base import GaussianPosterior
 from latentlm.nn.bow import BagOfWordsEncoder, bag_of_words
+from latentlm.nn.dropout import Dropout
 
 
 class GaussianBOWPosterior(GaussianPosterior):
@@ -30,7 +31,7 @@ class GaussianBOWPosterior(GaussianPosterior):
         self.to_params = nn.Linear(hidden_dim, 2 * latent_dim)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"gaussian_bow dropout must be in [0, 1), got {dropout}")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         if bound is not None:
             bound = tuple(float(b) for b in bound)
             if len(bound) != 2 or not all(b > 0 for b in bound):

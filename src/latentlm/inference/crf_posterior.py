@@ -22,6 +22,7 @@ from latentlm.data.batching import Batch
 from latentlm.inference.base import StructuredPosterior
 from latentlm.models.hmm import words_of
 from latentlm.models.neural_hmm import CharCNN
+from latentlm.nn.dropout import Dropout
 from latentlm.structured import LinearChainCRF
 
 
@@ -48,7 +49,7 @@ class CRFBiLSTMPosterior(StructuredPosterior):
         self.trans = nn.Parameter(torch.zeros(K, K))
         self.init = nn.Parameter(torch.zeros(K))
         self.final = nn.Parameter(torch.zeros(K))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, batch: Batch) -> LinearChainCRF:
         words, n = words_of(batch)  # (B, N), (B,)

@@ -36,6 +36,7 @@ from latentlm.inference.base import Objective, ObjectiveOutput, Posterior
 from latentlm.inference.estimators import zero_valued
 from latentlm.models.alignment import MASKED, bilstm_encode
 from latentlm.models.base import LocalLatentModel, LocalTerms
+from latentlm.nn.dropout import Dropout
 
 LOCAL_ESTIMATORS = ("enumerate", "score_function", "gumbel", "straight_through")
 LOCAL_BASELINES = ("soft", "moving_average", "none")
@@ -155,7 +156,7 @@ class AlignmentPosterior(Posterior):
         self.tgt_embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.tgt_lstm = nn.LSTM(embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden_dim, hidden_dim, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, batch: PairBatch) -> Categorical:
         src = bilstm_encode(self.src_embed, self.src_lstm, self.drop, batch.source, batch.source_lengths)

@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from latentlm.data.parallel import PairBatch
 from latentlm.errors import ConfigError
 from latentlm.models.base import ConditionalGenerator, LocalLatentModel, LocalTerms
+from latentlm.nn.dropout import Dropout
 from latentlm.nn.factored_output import exp_shifted, mixture_log_probs, pairwise_target_log_probs
 
 MASKED = -1e9  # the log-weight of a padded source position (exp() is exactly 0, no inf arithmetic)
@@ -110,7 +111,7 @@ class AttentionTranslator(LocalLatentModel, ConditionalGenerator):
         self.key = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.out_state = nn.Linear(hidden_dim, vocab_size)
         self.out_source = nn.Linear(hidden_dim, vocab_size, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     # ---- shared pieces --------------------------------------------------------------------
 

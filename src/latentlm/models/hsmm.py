@@ -33,6 +33,7 @@ from torch import nn
 from latentlm.data.batching import Batch
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.hmm import NON_EMITTED, words_of
+from latentlm.nn.dropout import Dropout
 from latentlm.structured import semimarkov_log_partition, semimarkov_viterbi
 
 
@@ -57,7 +58,7 @@ class NeuralHSMM(LatentVariableModel):
         self.segment_lstm = nn.LSTM(embed_dim, H, batch_first=True)
         self.context_lstm = nn.LSTM(embed_dim, H, batch_first=True) if context else None
         self.out = nn.Linear(H, V)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         mask = torch.zeros(V, dtype=torch.bool)
         mask[list(NON_EMITTED)] = True
         self.register_buffer("non_emitted", mask, persistent=False)

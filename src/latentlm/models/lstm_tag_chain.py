@@ -33,6 +33,7 @@ from torch.distributions import Distribution, register_kl
 from latentlm.data.batching import Batch
 from latentlm.models.base import LatentVariableModel
 from latentlm.models.hmm import NON_EMITTED, HMMBase, words_of
+from latentlm.nn.dropout import Dropout
 from latentlm.nn.factored_output import pairwise_target_log_probs
 from latentlm.structured import LinearChainCRF, hmm_log_likelihood
 from latentlm.structured.expectations import chain_expectations
@@ -126,7 +127,7 @@ class LSTMTagChain(LatentVariableModel):
             self.in_emb = nn.Embedding(V, dim)
             self.lstm = nn.LSTM(dim, hidden_dim, batch_first=True)
             self.context = nn.Linear(hidden_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         emit_mask = torch.zeros(V, dtype=torch.bool)
         emit_mask[list(NON_EMITTED)] = True
         self.register_buffer("non_emitted", emit_mask, persistent=False)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from latentlm.models.hmm import HMMBase
+from latentlm.nn.dropout import Dropout
 
 
 class _ResidualMLP(nn.Module):
@@ -94,7 +95,7 @@ class NeuralHMM(HMMBase):
         self.word_emb = nn.Parameter(torch.randn(V, dim) * 0.1) if word_embeddings else None  # (V, d)
         self.char_cnn = CharCNN(words, dim, **(char_options or {})) if char_cnn else None
         self.word_bias = nn.Parameter(torch.zeros(V))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def word_vectors(self) -> torch.Tensor:  # (V, d)
         u = self.word_emb if self.word_emb is not None else 0.0

@@ -11,6 +11,7 @@ from torch import nn
 from latentlm.data.documents import BowBatch
 from latentlm.data.vocab import Vocab
 from latentlm.nn.cnn_decoder import masked_token_log_probs
+from latentlm.nn.dropout import Dropout
 
 
 def bag_of_words(batch, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -50,7 +51,7 @@ class BagOfWordsDecoder(nn.Module):
         if latent_dim < 1:
             raise ValueError("a bag-of-words decoder needs a latent vector (latent_dim >= 1)")
         self.latent_dim = latent_dim
-        self.hidden = (nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.hidden = (nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(), Dropout(dropout))
                        if hidden_dim else nn.Identity())
         self.out = nn.Linear(hidden_dim or latent_dim, vocab_size)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentlm.data.vocab import Vocab
+from latentlm.nn.dropout import Dropout
 
 
 def masked_token_log_probs(out: nn.Linear, states: torch.Tensor, targets: torch.Tensor,
@@ -32,7 +33,7 @@ class CausalConvBlock(nn.Module):
         super().__init__()
         self.pad = (kernel_size - 1) * dilation
         self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, T)
         return x + self.dropout(self.conv(F.pad(F.relu(x), (self.pad, 0))))
@@ -54,7 +55,7 @@ class DilatedCNNDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocab.pad_id)
         self.inp = nn.Conv1d(embed_dim + latent_dim, hidden_dim, 1)
         self.blocks = nn.ModuleList(CausalConvBlock(hidden_dim, kernel_size, d, dropout) for d in dilations)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
         self.receptive_field = 1 + (kernel_size - 1) * sum(dilations)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentlm.data.vocab import Vocab
+from latentlm.nn.dropout import Dropout
 from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_normalizer_
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
@@ -67,7 +68,7 @@ class LSTMDecoder(nn.Module):
         self.hidden_dim, self.num_layers = hidden_dim, num_layers
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocab.pad_id)
         self.lstm = nn.LSTM(embed_dim + latent_dim, hidden_dim, num_layers, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         # output_bias=False: no bias on the (H x V) layer, as in He et al. (2019)'s decoder
         self.out = nn.Linear(hidden_dim, vocab_size, bias=output_bias)
         if latent_dim:
