@@ -220,3 +220,22 @@ eval: {{samples: 20, batch_size: 20}}
     assert result["examples"] == 18  # the empty test document is skipped
     assert 1 < result["ppl"] <= result["ppl_bound"] * 1.01 < 24 * 1.5  # IS within the bound, below uniform
     assert len(result["topics"]) == 3 and -1 <= result["npmi_mean"] <= 1
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0, 100.0])
+def test_clip_gradients_equals_torch_clip_grad_norm(clip):
+    """The same norm and the same gradients as clip_grad_norm_ (0: no clipping), without its
+    multiply-by-one pass when the norm is already below the limit."""
+    from latentlm.training.learners import clip_gradients
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(2))]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    for x, y in zip(a[:3], b[:3]):  # the last parameter has no gradient
+        x.grad = torch.randn_like(x)
+        y.grad = x.grad.clone()
+    before = [x.grad.data_ptr() for x in a[:3]]
+    torch.testing.assert_close(clip_gradients(a, clip), torch.nn.utils.clip_grad_norm_(b, clip or float("inf")))
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x.grad, y.grad)
+    assert [x.grad.data_ptr() for x in a[:3]] == before and a[3].grad is None

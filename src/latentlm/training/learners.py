@@ -21,6 +21,18 @@ from latentlm.inference.em import EMLearner, GEMLearner
 from latentlm.precision import autocast
 
 
+def clip_gradients(parameters, clip: float) -> torch.Tensor:
+    """The gradients' total 2-norm, after scaling them down to ``clip`` when it is above (0: never).
+    ``clip_grad_norm_`` multiplies every gradient by min(1, clip / norm) even when that is 1, a
+    pass over all parameters (2 % of a sentence-VAE step); here only a norm above ``clip`` does."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    value = float(norm)
+    if clip and math.isfinite(value) and value > clip:  # a non-finite norm is the caller's to report
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
 class GradientLearner(Learner):
     """Today's training step: forward, backward, clip, optimizer step; a non-finite loss or
     gradient norm stops the run (the last good checkpoint is kept)."""
@@ -46,7 +58,7 @@ class GradientLearner(Learner):
             loss.backward()
             if self.aggressive is not None:
                 self.aggressive.before_optimizer_step()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.system.parameters(), self.clip or math.inf)
+            grad_norm = clip_gradients(self.system.parameters(), self.clip)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
             raise TrainingDivergedError(
