@@ -146,3 +146,24 @@ def test_a_total_free_bits_floor_on_a_flow_is_a_floor_on_the_total_kl():
     out.loss.backward()  # the KL term is constant there: only the reconstruction's gradient
     low = ELBO(free_bits=1e-6, free_bits_per_dimension=False)(model, posterior, batch)  # above the floor
     torch.testing.assert_close(low.loss, -low.bound.mean())
+
+
+@pytest.mark.parametrize("flow", ["planar", "iaf"])
+def test_reconstructions_and_interpolations_take_a_flow_posterior(flow):
+    """A flow q has no closed-form mean: a sentence's code is the flow's image of the base mean
+    (deterministic), so reconstruct / interpolate (and the report's tables) work for flow rows."""
+    from latentlm.evaluation import encode_means, interpolate, reconstruct
+
+    sentences = [["the", "cat", "sat"], ["a", "dog", "ran", "far"]]
+    vocab = Vocab.build(sentences)
+    torch.manual_seed(0)
+    posterior = FlowLSTMPosterior(len(vocab), 4, flow=flow, layers=2, embed_dim=8, hidden_dim=8, context_dim=4,
+                                  flow_hidden_dim=8).eval()
+    model = SentenceVAE(len(vocab), embed_dim=8, hidden_dim=8, latent_dim=4).eval()
+    codes = encode_means(posterior, vocab, sentences)
+    assert codes.shape == (2, 4) and torch.equal(codes, encode_means(posterior, vocab, sentences))
+    batch = TextDataset(sentences, vocab).make_batch([0, 1])
+    q = posterior(batch)
+    torch.testing.assert_close(codes, q.transform(q.base.mean)[0])
+    assert len(reconstruct(model, posterior, vocab, sentences)) == 2
+    assert len(interpolate(model, posterior, vocab, *sentences, steps=3)) == 3

@@ -9,6 +9,7 @@ import torch
 from latentlm.data.batching import collate
 from latentlm.data.vocab import Vocab
 from latentlm.device import module_device
+from latentlm.inference.flows import FlowDistribution
 
 
 def _detok(vocab: Vocab, ids: torch.Tensor) -> list[str]:
@@ -25,8 +26,13 @@ def sample_sentences(model, vocab: Vocab, num: int = 3, greedy: bool = False, ma
 
 
 def encode_means(posterior, vocab: Vocab, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+    """One code per sentence (N, D): q's mean, or for a flow q (no closed-form mean) the flow's
+    image of its base Gaussian's mean — deterministic, like the mean."""
     batch = collate([vocab.encode_sentence(s) for s in sentences], range(len(sentences))).to(module_device(posterior))
-    return posterior(batch).mean  # (N, D)
+    q = posterior(batch)
+    if isinstance(q, FlowDistribution):
+        return q.transform(q.base.mean)[0]
+    return q.mean
 
 
 def decoding_cap(sentences: Sequence[Sequence[str]], max_len: int | None = None) -> int:
@@ -41,7 +47,7 @@ def decoding_cap(sentences: Sequence[Sequence[str]], max_len: int | None = None)
 @torch.no_grad()
 def reconstruct(model, posterior, vocab: Vocab, sentences: Sequence[Sequence[str]], max_len: int | None = None,
                 greedy: bool = True, generator: torch.Generator | None = None) -> list[str]:
-    """Decoding from the posterior mean of each sentence: greedy, or sampled (``greedy=False``);
+    """Decoding from each sentence's code (:func:`encode_means`): greedy, or sampled (``greedy=False``);
     stops at ``</s>`` or at :func:`decoding_cap`."""
     z = encode_means(posterior, vocab, sentences)
     ids = model.generate(z, len(sentences), max_len=decoding_cap(sentences, max_len), greedy=greedy,
