@@ -93,6 +93,7 @@ def test_reference_and_goal_columns_are_paired_by_seed_and_kept_for_redraws(grid
     assert "no: KL" in vae_line and "not >= 1000" in vae_line and "AU" not in vae_line.split("no:")[1]
     lm_cells = [c.strip() for c in lm_line.split("|")]
     assert lm_cells[header.split("|").index(" ΔNLL vs tiny lm ")] == "–"  # the reference itself
+    assert "(the reference)" in lm_line
     assert "ΔNLL vs tiny lm" in write_report(out, configs)  # saved with the grid
     assert parse_goal("kl >= 5, mi>=2,nll<=ref") == [("kl", ">=", 5.0), ("mi", ">=", 2.0), ("nll", "<=", None)]
     for bad in ("kl=>5", "klx>=5", "kl>=five"):

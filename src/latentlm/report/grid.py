@@ -377,6 +377,9 @@ def compare(rows: list[dict[str, Any]], reference: str | None = None, goal: str 
             row["vs_reference"] = summarize(deltas) if deltas and row is not ref else None
         if not terms or not row["runs"]:
             continue
+        if row is ref:
+            row["goal"] = "(the reference)"
+            continue
         misses = []
         for key, op, bound in terms:
             stat = row["stats"].get(key)
@@ -385,8 +388,9 @@ def compare(rows: list[dict[str, Any]], reference: str | None = None, goal: str 
             if stat is None or limit is None:
                 misses.append(f"no {titles[key]}")
             elif not ops[op](float(stat["mean"]), float(limit)):
-                against = f"{ref['label']}'s {limit:.2f}" if bound is None else f"{limit:g}"
-                misses.append(f"{titles[key]} {stat['mean']:.2f} not {op} {against}")
+                digits = 3 if round(float(stat["mean"]), 2) == round(float(limit), 2) else 2  # a tie shown apart
+                against = f"{ref['label']}'s {limit:.{digits}f}" if bound is None else f"{limit:g}"
+                misses.append(f"{titles[key]} {stat['mean']:.{digits}f} not {op} {against}")
         row["goal"] = "yes" if not misses else "no: " + "; ".join(misses)
 
 
