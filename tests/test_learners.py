@@ -226,7 +226,7 @@ eval: {{samples: 20, batch_size: 20}}
 def test_clip_gradients_equals_torch_clip_grad_norm(clip):
     """The same norm and the same gradients as clip_grad_norm_ (0: no clipping), without its
     multiply-by-one pass when the norm is already below the limit."""
-    from latentlm.training.learners import clip_gradients
+    from latentlm.nn.gradients import clip_gradients
 
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(2))]
@@ -239,3 +239,8 @@ def test_clip_gradients_equals_torch_clip_grad_norm(clip):
     for x, y in zip(a[:3], b[:3]):
         torch.testing.assert_close(x.grad, y.grad)
     assert [x.grad.data_ptr() for x in a[:3]] == before and a[3].grad is None
+    for bad in (float("inf"), float("nan")):  # a diverged step: the same gradients as torch's
+        x, y = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        x.grad, y.grad = torch.tensor([1.0, bad, 2.0]), torch.tensor([1.0, bad, 2.0])
+        torch.testing.assert_close(clip_gradients([x], 5.0), torch.nn.utils.clip_grad_norm_([y], 5.0), equal_nan=True)
+        torch.testing.assert_close(x.grad, y.grad, equal_nan=True)

@@ -50,6 +50,7 @@ from latentlm.errors import ConfigError
 from latentlm.inference.base import Learner, ObjectiveOutput
 from latentlm.models.base import ClosedFormEM, GeneralizedEM
 from latentlm.models.nb_mixture import NaiveBayesMixture, responsibilities
+from latentlm.nn.gradients import clip_gradients
 
 
 class EMData:
@@ -366,5 +367,5 @@ class GEMLearner(EMLearner):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.clip:
-                torch.nn.utils.clip_grad_norm_(params, self.clip)
+                clip_gradients(params, self.clip)
             self.optimizer.step()

@@ -31,6 +31,7 @@ import torch
 
 from latentlm.data.batching import Batch, TextDataset
 from latentlm.errors import ConfigError
+from latentlm.nn.gradients import clip_gradients
 from latentlm.evaluation.latent import latent_statistics
 
 
@@ -91,7 +92,7 @@ class AggressiveEncoderTraining:
             self.system.zero_grad(set_to_none=True)
             out.loss.backward()
             if self.clip:
-                torch.nn.utils.clip_grad_norm_(self.encoder_params, self.clip)
+                clip_gradients(self.encoder_params, self.clip)
             self.encoder_optimizer.step()
             window += float(out.loss.detach()) * batch.size
             window_tokens += batch.num_tokens

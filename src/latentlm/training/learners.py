@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -18,19 +17,8 @@ from latentlm.device import module_device
 from latentlm.errors import ConfigError, TrainingDivergedError
 from latentlm.inference.base import Learner, ObjectiveOutput
 from latentlm.inference.em import EMLearner, GEMLearner
+from latentlm.nn.gradients import clip_gradients
 from latentlm.precision import autocast
-
-
-def clip_gradients(parameters, clip: float) -> torch.Tensor:
-    """The gradients' total 2-norm, after scaling them down to ``clip`` when it is above (0: never).
-    ``clip_grad_norm_`` multiplies every gradient by min(1, clip / norm) even when that is 1, a
-    pass over all parameters (2 % of a sentence-VAE step); here only a norm above ``clip`` does."""
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    value = float(norm)
-    if clip and math.isfinite(value) and value > clip:  # a non-finite norm is the caller's to report
-        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-    return norm
 
 
 class GradientLearner(Learner):
