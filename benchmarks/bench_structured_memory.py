@@ -32,13 +32,7 @@ import sys
 
 import torch
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from bench_hmm import _status_kb as _status  # VmRSS / VmHWM of /proc/self/status, bytes
 
 
 class Tape:

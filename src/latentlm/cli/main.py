@@ -345,9 +345,9 @@ def _cmd_bench(args) -> int:
 
 def _cmd_grid(args) -> int:
     from latentlm.report.document import build_report
-    from latentlm.report.grid import run_grid, run_label, settings, update_results_file, write_report
+    from latentlm.report.grid import row_names, run_grid, settings, update_results_file, write_report
 
-    if args.reference and args.reference not in {n for c in args.configs for n in (c, Path(c).stem, run_label(c))}:
+    if args.reference and not any(args.reference in row_names(c) for c in args.configs):
         raise ConfigError(f"grid --reference {args.reference!r} names none of the configs given")
     if args.reference or args.goal:
         settings(args.out, args.reference, args.goal)  # checked (and saved for redraws) before any training

@@ -351,19 +351,25 @@ def parse_goal(text: str | None) -> list[tuple[str, str, float | None]]:
     return terms
 
 
+def row_names(config: str | Path) -> set[str]:
+    """What names a grid row on the command line (``--reference``): its label, config stem or path."""
+    return {run_label(config), Path(config).stem, str(config)}
+
+
 def _find_reference(rows: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     for row in rows:
-        if reference in (row["label"], Path(row["config"]).stem, str(row["config"])):
+        if reference in row_names(row["config"]):
             return row
     raise ConfigError(f"grid --reference {reference!r}: no such row (rows: "
                       f"{', '.join(Path(r['config']).stem for r in rows)})")
 
 
-def compare(rows: list[dict[str, Any]], reference: str | None = None, goal: str | None = None) -> None:
+def compare(rows: list[dict[str, Any]], reference: str | None = None,
+            goal: str | None = None) -> dict[str, Any] | None:
     """Add to each row ``vs_reference`` (NLL minus the reference row's, paired by seed: the same
     seed is the same data order and initialization draw, so the pairs' spread is what a seed
     changes; :func:`summarize`d) and ``goal`` (whether the row's means meet every ``goal``
-    term, and which fail)."""
+    term, and which fail); returns the reference row (None without one, or before any run)."""
     terms = parse_goal(goal)
     if any(bound is None for _, _, bound in terms) and not reference:
         raise ConfigError("grid --goal compares with 'ref' but no --reference row is given")
@@ -392,6 +398,7 @@ def compare(rows: list[dict[str, Any]], reference: str | None = None, goal: str 
                 against = f"{ref['label']}'s {limit:.{digits}f}" if bound is None else f"{limit:g}"
                 misses.append(f"{titles[key]} {stat['mean']:.{digits}f} not {op} {against}")
         row["goal"] = "yes" if not misses else "no: " + "; ".join(misses)
+    return ref
 
 
 def table(rows: list[dict[str, Any]], reference: str | None = None,
@@ -401,16 +408,14 @@ def table(rows: list[dict[str, Any]], reference: str | None = None,
     difference to ``reference`` and whether ``goal`` holds (see :func:`compare`), the seeds
     whose run collapsed, and the failed seeds with their error; a column no row has (MI for
     discrete latents, components for continuous ones) is left out."""
-    compare(rows, reference, goal)
+    ref = compare(rows, reference, goal)
     columns = [c for c in COLUMNS if any(c[0] in row["stats"] for row in rows)]
-    extra = ([f"ΔNLL vs {_find_reference(rows, reference)['label']}"] if reference and any(r["runs"] for r in rows)
-             else [])
-    extra += [f"goal ({goal})"] if goal else []
+    extra = ([f"ΔNLL vs {ref['label']}"] if ref is not None else []) + ([f"goal ({goal})"] if goal else [])
     header = ["row", "n", "steps", *(title for _, title, _ in columns), *extra, "collapsed", "failed"]
     body = []
     for row in rows:
         cells = [format_cell(row["stats"].get(key), digits) for key, _, digits in columns]
-        if len(extra) > bool(goal):
+        if ref is not None:
             cells.append(format_cell(row.get("vs_reference"), 2) if row.get("vs_reference") else "–")
         if goal:
             cells.append(row.get("goal", "–"))

@@ -36,7 +36,8 @@ def chain_expectations(
     """(E_q log q(z), E_q f(z)), each (B,), for the chain q = (init, trans, unary, lengths)
     (shapes as in :mod:`latentlm.structured.chain`) and the score f = (``score_init`` (K,),
     ``score_trans`` (K, K), ``score_unary`` (B, T, K), each optional; ``score_unary`` is read on
-    real positions only). Both 0 for an empty row. Differentiable (once) in every argument;
+    real positions only). Both 0 for an empty row. Differentiable in every argument (a
+hand-written reverse sweep; under ``create_graph=True`` autograd through the plain sweep);
     -inf scores are clamped to a huge finite number, so impossible transitions get probability
     exactly 0 and produce no NaN in either pass."""
     lengths = check_chain(init, trans, unary, lengths)
@@ -171,8 +172,7 @@ class _ChainExpectations(torch.autograd.Function):
             # The adjoint of log q, through w and directly: w ⊙ [gN'(N + log q + 1) + gS'(S + score_trans)],
             # built in log q's own buffer (w is multiplied in before gN', so -big log q meets w = 0 first)
             g = logq.add_(N_prev.unsqueeze(-1) + 1.0).mul_(w).mul_(gN_v.unsqueeze(1))
-            tmp = (S_prev.unsqueeze(-1) + score_trans if score_trans is not None
-                   else S_prev.unsqueeze(-1).expand_as(w).clone()).mul_(w)
+            tmp = w * (S_prev.unsqueeze(-1) if score_trans is None else S_prev.unsqueeze(-1) + score_trans)
             g.addcmul_(tmp, gS_v.unsqueeze(1))
             if g_st is not None:
                 g_st += torch.mul(w, gS_v.unsqueeze(1), out=tmp).sum(0)
