@@ -28,6 +28,9 @@ RUNS = {
     # the aggressive phase (He et al. 2019) is on for the whole first epoch
     "aggressive": BASE + ["train.checkpoint_every=2",
                           "train.aggressive={max_inner_steps: 3, check_every: 1, max_epochs: 1}"],
+    # the collapse grid's IWAE row: k-sample bound, bf16 autocast, a plateau LR schedule
+    "iwae_bf16": BASE + ["train.eval_every=4", "objective={type: iwae, samples: 3}", "train.precision=bf16-mixed",
+                         "train.lr_patience=1"],
 }
 
 
@@ -92,6 +95,7 @@ def _assert_same_run(a, b):
     ("eval_every", "checkpoint:8:model", 4),
     ("eval_every", "checkpoint:12:rename", 8),  # renamed into place, latest.json not yet updated
     ("aggressive", "checkpoint:6:state", 4),    # the aggressive phase is on at steps 4 and 6
+    ("iwae_bf16", "checkpoint:12:model", 8),
 ])
 def test_kill_inside_checkpoint_writing_then_resume_is_bit_exact(tmp_path, corpus, straight, run, fault,
                                                                  resumes_from):

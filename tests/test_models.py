@@ -111,6 +111,41 @@ def test_inference_log_probs_match_the_training_path():
     torch.testing.assert_close(infer_path, train_path.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_inference_sees_a_fused_optimizer_step():
+    """Fused Adam updates parameters without bumping their version counters: the bf16 copy
+    of the output layer must still follow each step (it once froze at the first validation
+    of a bf16 training run), and is reused only inside one ``frozen_parameters`` block."""
+    from latentlm.nn.output import frozen_parameters
+
+    torch.manual_seed(0)
+    vocab = Vocab.build([["a", "b", "c"]])
+    model = SentenceVAE(len(vocab), embed_dim=4, hidden_dim=5, latent_dim=2)
+    batch = TextDataset([["a", "b"], ["c", "a", "b", "b"]], vocab).make_batch([0, 1])
+    z = torch.randn(3, 2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+
+    def scored():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.log_likelihood(batch, z)
+
+    with frozen_parameters():
+        before = scored()
+        copy = model.decoder._lowp[0]
+        assert torch.equal(scored(), before) and model.decoder._lowp[0] is copy  # reused within the block
+    version = model.decoder.out.weight._version
+    model.log_likelihood(batch, z).sum().neg().backward()
+    optimizer.step()
+    assert model.decoder.out.weight._version == version  # why the version cannot be the key
+    with frozen_parameters():
+        after = scored()
+    fresh = SentenceVAE(len(vocab), embed_dim=4, hidden_dim=5, latent_dim=2)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = fresh.log_likelihood(batch, z)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
 def test_equal_length_batches_take_the_unpacked_path_with_the_same_numbers():
     """A batch of equal lengths skips packing (encoder) and the mask gather/scatter (decoder);
     the values and gradients equal those of the same rows inside a padded batch."""

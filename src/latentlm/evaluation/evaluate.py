@@ -17,6 +17,7 @@ from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perp
 from latentlm.inference.local import LocalELBO
 from latentlm.models.base import ConditionalGenerator, FiniteLatentModel
 from latentlm.precision import autocast
+from latentlm.nn.output import frozen_parameters
 
 
 def _evaluate_batch(model, posterior, objective, batch, samples, totals, stats, usage) -> None:
@@ -67,6 +68,7 @@ def _evaluate_mixture_batch(model, posterior, objective, batch, totals, stats, u
 
 
 @torch.no_grad()
+@frozen_parameters()  # no parameter changes inside: bf16 weight copies are kept
 def evaluate(system, dataset: TextDataset, samples: int = 500, batch_size: int = 50, seed: int = 1234,
              progress: bool = False, precision: str = "fp32", beam: int = 0,
              max_decode_len: int = 80) -> dict[str, Any]:

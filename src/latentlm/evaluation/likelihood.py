@@ -10,6 +10,7 @@ from latentlm.data.batching import Batch
 from latentlm.data.documents import BowBatch
 from latentlm.inference.base import Posterior
 from latentlm.models.base import LatentVariableModel
+from latentlm.nn.output import frozen_parameters
 
 #: rows x positions the decoder sees at once while importance sampling; bounds the
 #: (rows, V) logits buffer to a few hundred MB at V = 10k.
@@ -17,6 +18,7 @@ IS_TOKENS_PER_CHUNK = 12_000
 
 
 @torch.no_grad()
+@frozen_parameters()  # no parameter changes inside: bf16 weight copies are kept
 def importance_sampled_log_marginal(
     model: LatentVariableModel, posterior: Posterior, batch: Batch, samples: int = 500,
     chunk: int | None = None, noise: torch.Tensor | None = None, q=None,

@@ -11,7 +11,7 @@ from torch import nn
 
 from latentlm.data.vocab import Vocab
 from latentlm.nn.dropout import Dropout
-from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_normalizer_
+from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_normalizer_, lowp_weights
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
@@ -137,11 +137,7 @@ class LSTMDecoder(nn.Module):
             target = target + bias[tgt].float()
         dtype = compute_dtype(weight)
         if dtype != weight.dtype:
-            key = (weight._version, None if bias is None else bias._version, weight.data_ptr(), dtype)
-            if getattr(self, "_lowp_key", None) != key:
-                self._lowp = (weight.to(dtype).t().contiguous(), None if bias is None else bias.to(dtype))
-                self._lowp_key = key
-            w_t, b = self._lowp
+            w_t, b = lowp_weights(self, weight, bias, dtype)  # kept only inside frozen_parameters()
         else:
             w_t, b = weight.t(), bias
         M, V = flat.size(0), weight.size(0)

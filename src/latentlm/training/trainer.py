@@ -43,6 +43,7 @@ from latentlm.io import atomic_write_text, save_weights
 from latentlm.training.collapse import CollapseWatch
 from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from latentlm.training.learners import make_learner
+from latentlm.nn.output import frozen_parameters
 
 log = logging.getLogger("latentlm")
 
@@ -68,6 +69,7 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
+@frozen_parameters()  # no parameter changes inside: bf16 weight copies are kept
 def validate(system: System, dataset: TextDataset, batch_size: int, precision: str = "fp32",
              seed: int = 0) -> dict[str, float]:
     """Mean per-example bound (ELBO, or exact log-likelihood) over a split; with a posterior
