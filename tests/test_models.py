@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -109,6 +110,31 @@ def test_inference_log_probs_match_the_training_path():
     with torch.no_grad():
         infer_path = model.log_likelihood(batch, z)
     torch.testing.assert_close(infer_path, train_path.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_normalizer_redoes_rows_outside_the_unshifted_range(dtype):
+    """The inference path sums exp(logits) without the row max; rows whose logits would overflow
+    (or all underflow) are recomputed with the shift, so every row matches log_softmax."""
+    torch.manual_seed(0)
+    decoder = SentenceVAE(50, embed_dim=4, hidden_dim=8, latent_dim=2).decoder
+    decoder.INFERENCE_BLOCK_ROWS = {torch.float32: (4, 2), torch.bfloat16: (4, 2)}
+    flat = torch.randn(11, 8)
+    flat[[1, 6, 7]] *= 400.0                          # logits in the hundreds: exp overflows
+    tgt = torch.randint(0, 50, (11,))
+    with torch.no_grad():
+        decoder.out.bias[:] = torch.randn(50)
+        shifted = decoder.out.bias.clone()
+        for bias in (shifted, shifted - 101.0, shifted - 300.0):  # then exp subnormal, then 0
+            decoder.out.bias.copy_(bias)
+            logits = flat.double() @ decoder.out.weight.double().t() + bias.double()
+            expected = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                got = decoder._inference_log_probs(flat, tgt)
+            assert torch.isfinite(got).all()
+            scale = 1.0 + logits.abs().amax(1)  # bf16 rounds each logit to 2^-8 of its size
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert ((got.double() - expected).abs() / scale).max() < tol
 
 
 def test_bf16_inference_sees_a_fused_optimizer_step():

@@ -11,7 +11,8 @@ from torch import nn
 
 from latentlm.data.vocab import Vocab
 from latentlm.nn.dropout import Dropout
-from latentlm.nn.output import compute_dtype, linear_log_softmax_gather, log_normalizer_, lowp_weights
+from latentlm.nn.output import (UNSHIFTED_RANGE, compute_dtype, linear_log_softmax_gather, log_normalizer_,
+                                lowp_weights, unshifted_log_normalizer_)
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
@@ -151,14 +152,21 @@ class LSTMDecoder(nn.Module):
         lse = torch.empty(M, dtype=torch.float32, device=flat.device)
         with torch.autocast(flat.device.type, enabled=False):
             # Row blocks small enough that the logits stay in cache between the product,
-            # the max, the exp and the sum: one trip to memory instead of four.
+            # the exp and the sum: one trip to memory instead of three. The normalizer skips
+            # the row max (UNSHIFTED_RANGE); the rare rows outside the range are redone shifted.
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
                 if b is None:
                     logits = torch.mm(x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
                 else:
                     logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])
-                lse[start:stop] = log_normalizer_(logits)
+                lse[start:stop] = unshifted_log_normalizer_(logits)
+            low, high = UNSHIFTED_RANGE
+            redo = ~((lse > low) & (lse < high))  # also inf (an overflowed exp) and nan
+            if bool(redo.any()):  # one check per call, not per block (a GPU would sync on each)
+                for part in redo.nonzero().squeeze(1).split(rows):
+                    logits = x[part] @ w_t if b is None else torch.addmm(b, x[part], w_t)
+                    lse[part] = log_normalizer_(logits)
         return target - lse
 
     @torch.no_grad()
