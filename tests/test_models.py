@@ -201,6 +201,29 @@ def test_equal_length_batches_take_the_unpacked_path_with_the_same_numbers():
     assert torch.allclose(g_eq, g_pad, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [0.0, -101.0, -300.0])
+def test_fused_output_layer_redoes_rows_outside_the_unshifted_range(shift):
+    """Rows whose exp(logits) overflow (x 300), go subnormal (-101) or all underflow (-300) are
+    redone with the row max in the forward, and the backward's softmax uses each row's own shift."""
+    from latentlm.nn.output import linear_log_softmax_gather
+
+    torch.manual_seed(0)
+    M, H, V = 300, 16, 90  # more rows than one block
+    scale = torch.ones(M, 1)
+    scale[[3, 280]] = 300.0
+    h = (torch.randn(M, H) * scale).requires_grad_()
+    w = (0.3 * torch.randn(V, H)).requires_grad_()
+    b = (torch.randn(V) + shift).requires_grad_()
+    t, g = torch.randint(0, V, (M,)), torch.randn(M)
+    ref = -F.cross_entropy(h.double() @ w.double().T + b.double(), t, reduction="none")
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), (h, w, b))
+    out = linear_log_softmax_gather(h, w, b, t)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    for a, c in zip(torch.autograd.grad((out * g).sum(), (h, w, b)), ref_grads):
+        torch.testing.assert_close(a.double(), c.double(), rtol=1e-4, atol=1e-4)
+
+
 def test_decoder_without_output_bias_agrees_on_every_path():
     """``decoder_options: {output_bias: false}`` (He et al.'s decoder): the training path
     (plain fp32 and fused bf16), the inference path and their gradients agree."""

@@ -110,20 +110,26 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         x = h.to(dtype)
         M, V = x.size(0), weight.size(0)
         # Each row block's logits are computed into its rows of one (M, V) low-precision
-        # tensor and turned in place (while in cache) into exp(logit - row max); the backward
-        # scales those rows to softmax probabilities instead of recomputing the product.
+        # tensor and turned in place (while in cache) into exp(logit - peak), peak = 0 (the
+        # unshifted normalizer, two passes) or, for rows outside UNSHIFTED_RANGE, the row max;
+        # the backward scales those rows to softmax probabilities instead of recomputing the product.
         probs = torch.empty(M, V, dtype=dtype, device=h.device)
         lse = torch.empty(M, dtype=torch.float32, device=h.device)
-        peak = torch.empty(M, dtype=torch.float32, device=h.device)
+        peak = torch.zeros(M, dtype=torch.float32, device=h.device)
         tgt_logit = torch.empty(M, dtype=torch.float32, device=h.device)
         for s in range(0, M, BLOCK_ROWS):
             e = min(M, s + BLOCK_ROWS)
             logits = _block_logits(x[s:e], w_t, b, probs[s:e])
             tgt_logit[s:e] = logits.gather(1, target[s:e, None]).squeeze(1).float()
-            top = logits.amax(1, keepdim=True)
-            peak[s:e] = top.squeeze(1).float()
-            logits.sub_(top).exp_()
-            lse[s:e] = peak[s:e] + logits.sum(1, dtype=torch.float32).log()
+            lse[s:e] = unshifted_log_normalizer_(logits)
+        redo = ~((lse > UNSHIFTED_RANGE[0]) & (lse < UNSHIFTED_RANGE[1]))
+        if bool(redo.any()):
+            for part in redo.nonzero().squeeze(1).split(BLOCK_ROWS):
+                logits = x[part] @ w_t if b is None else torch.addmm(b, x[part], w_t)
+                top = logits.amax(1, keepdim=True)
+                probs[part] = logits.sub_(top).exp_()
+                peak[part] = top.squeeze(1).float()
+                lse[part] = peak[part] + probs[part].sum(1, dtype=torch.float32).log()
         ctx.save_for_backward(x, w_t, target, probs, peak - lse)
         ctx.h_dtype, ctx.w_dtype, ctx.has_bias = h.dtype, weight.dtype, bias is not None
         ctx.consumed = False
