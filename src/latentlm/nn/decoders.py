@@ -138,7 +138,7 @@ class LSTMDecoder(nn.Module):
             target = target + bias[tgt].float()
         dtype = compute_dtype(weight)
         if dtype != weight.dtype:
-            w_t, b = lowp_weights(self, weight, bias, dtype)  # kept only inside frozen_parameters()
+            w_t, b = lowp_weights(weight, bias, dtype)  # kept only inside frozen_parameters()
         else:
             w_t, b = weight.t(), bias
         M, V = flat.size(0), weight.size(0)

@@ -15,15 +15,13 @@ M = 658, H = 256, V = 10k, bf16, one thread.)
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 
 import torch
 
 BLOCK_ROWS = 256
 
-_frozen = threading.local()
-_generations = itertools.count(1)
+_frozen = threading.local()  # .copies: {(weight ptr, bias ptr, dtype): (weight^T, bias)} inside a block, else unset
 
 
 @contextlib.contextmanager
@@ -31,38 +29,33 @@ def frozen_parameters():
     """Inside, the caller promises that no parameter changes, so the output layer may keep
     its low-precision (bf16) copy of the weights between calls: validation and importance
     sampling (hundreds of decoder passes per batch) convert the (V, H) matrix once per block,
-    not once per call. Each outermost entry starts a new generation, so copies made in an
-    earlier block are never reused.
+    not once per call. The copies are dropped when the outermost block ends.
 
     The promise cannot be checked by the tensors' version counters: a fused optimizer
     (``torch.optim.Adam(fused=True)``) updates parameters in place without bumping
     ``_version``. A cache keyed on it kept the first validation's output layer for a whole
     bf16 training run, and every later validation NLL was scored with stale weights."""
-    outer = getattr(_frozen, "generation", None)
-    if outer is None:
-        _frozen.generation = next(_generations)
+    outer = getattr(_frozen, "copies", None) is not None
+    if not outer:
+        _frozen.copies = {}
     try:
         yield
     finally:
-        if outer is None:
-            _frozen.generation = None
+        if not outer:
+            _frozen.copies = None
 
 
-def frozen_generation() -> int | None:
-    """The current :func:`frozen_parameters` block's generation, or None outside one."""
-    return getattr(_frozen, "generation", None)
-
-
-def lowp_weights(owner, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+def lowp_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight^T, bias) in ``dtype``, weight^T contiguous; reused from ``owner`` inside one
-    :func:`frozen_parameters` block, converted afresh (and not kept) outside one."""
-    generation = frozen_generation()
-    key = (generation, weight.data_ptr(), dtype)
-    if generation is not None and getattr(owner, "_lowp_key", None) == key:
-        return owner._lowp
-    copy = (weight.to(dtype).t().contiguous(), None if bias is None else bias.to(dtype))
-    owner._lowp_key, owner._lowp = (key, copy) if generation is not None else (None, None)
+    """(weight^T, bias) in ``dtype``, weight^T contiguous; made once per
+    :func:`frozen_parameters` block, afresh on every call outside one."""
+    copies = getattr(_frozen, "copies", None)
+    key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), dtype)
+    if copies is not None and key in copies:
+        return copies[key]
+    copy = (weight.detach().to(dtype).t().contiguous(), None if bias is None else bias.detach().to(dtype))
+    if copies is not None:
+        copies[key] = copy
     return copy
 
 
