@@ -141,7 +141,7 @@ def test_bf16_inference_sees_a_fused_optimizer_step():
     """Fused Adam updates parameters without bumping their version counters: the bf16 copy
     of the output layer must still follow each step (it once froze at the first validation
     of a bf16 training run), and is reused only inside one ``frozen_parameters`` block."""
-    from latentlm.nn.output import frozen_parameters, lowp_weights
+    from latentlm.nn.output import frozen_parameters, transposed_weights
 
     torch.manual_seed(0)
     vocab = Vocab.build([["a", "b", "c"]])
@@ -157,9 +157,9 @@ def test_bf16_inference_sees_a_fused_optimizer_step():
     with frozen_parameters():
         before = scored()
         weight, bias = model.decoder.out.weight, model.decoder.out.bias
-        copy = lowp_weights(weight, bias, torch.bfloat16)[0]
-        assert torch.equal(scored(), before) and lowp_weights(weight, bias, torch.bfloat16)[0] is copy  # reused
-    assert lowp_weights(weight, bias, torch.bfloat16)[0] is not copy  # and dropped after the block
+        copy = transposed_weights(weight, bias, torch.bfloat16)[0]
+        assert torch.equal(scored(), before) and transposed_weights(weight, bias, torch.bfloat16)[0] is copy  # reused
+    assert transposed_weights(weight, bias, torch.bfloat16)[0] is not copy  # and dropped after the block
     version = model.decoder.out.weight._version
     model.log_likelihood(batch, z).sum().neg().backward()
     optimizer.step()

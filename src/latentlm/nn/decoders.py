@@ -12,7 +12,7 @@ from torch import nn
 from latentlm.data.vocab import Vocab
 from latentlm.nn.dropout import Dropout
 from latentlm.nn.output import (UNSHIFTED_RANGE, compute_dtype, linear_log_softmax_gather, log_normalizer_,
-                                lowp_weights, unshifted_log_normalizer_)
+                                transposed_weights, unshifted_log_normalizer_)
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
@@ -126,21 +126,21 @@ class LSTMDecoder(nn.Module):
     def _inference_log_probs(self, flat: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """log softmax(W h + b)[target] without autograd, (M,).
 
-        The target logit is an fp32 dot product (M x H work); the log-normalizer uses a
-        (rows x V) buffer kept between calls, so importance sampling with hundreds of
-        chunks does not allocate (and page-fault) a fresh logits tensor each time.
-        Under bf16 autocast the big product runs in bf16 (AVX-512 BF16) and is exponentiated in
-        place; the sum and log are fp32.
+        The logits go block by block through a (rows x V) buffer kept between calls (so
+        importance sampling with hundreds of chunks does not allocate and page-fault a fresh
+        logits tensor each time), small enough to stay in cache from the product to the
+        normalizer: one trip to memory instead of several.
+        - fp32 / fp64 on the CPU: ATen's fused log-softmax, in place on the block (max and
+          exp-sum in one vectorized sweep per row), then the target's entry;
+        - under bf16 autocast (or on a GPU) the product runs in the low precision and the
+          normalizer is exp in place + an fp32 sum (no row max, :data:`UNSHIFTED_RANGE`; rows
+          outside it are redone shifted) subtracted from the target logit, an fp32 dot product:
+          a bf16 log-softmax would round every log-probability to bf16.
+        ``benchmarks/bench_output_layer.py`` times each normalizer against the bare product.
         """
-        weight, bias = self.out.weight, self.out.bias          # (V, H), (V,)
-        target = (flat.float() * weight[tgt].float()).sum(-1)  # (M,) fp32
-        if bias is not None:
-            target = target + bias[tgt].float()
+        weight, bias = self.out.weight, self.out.bias  # (V, H), (V,)
         dtype = compute_dtype(weight)
-        if dtype != weight.dtype:
-            w_t, b = lowp_weights(weight, bias, dtype)  # kept only inside frozen_parameters()
-        else:
-            w_t, b = weight.t(), bias
+        w_t, b = transposed_weights(weight, bias, dtype)  # kept only inside frozen_parameters()
         M, V = flat.size(0), weight.size(0)
         threads = torch.get_num_threads()
         single, per_thread = self.INFERENCE_BLOCK_ROWS.get(dtype, (64, 64))
@@ -149,25 +149,32 @@ class LSTMDecoder(nn.Module):
         if buf is None or buf.dtype != dtype or buf.size(0) != rows:
             buf = self._logits_buffer = torch.empty(rows, V, dtype=dtype, device=flat.device)
         x = flat.to(dtype)
-        lse = torch.empty(M, dtype=torch.float32, device=flat.device)
+        in_place = flat.device.type == "cpu" and dtype in (torch.float32, torch.float64)
+        out = torch.empty(M, dtype=torch.float32 if not in_place else dtype, device=flat.device)
         with torch.autocast(flat.device.type, enabled=False):
-            # Row blocks small enough that the logits stay in cache between the product,
-            # the exp and the sum: one trip to memory instead of three. The normalizer skips
-            # the row max (UNSHIFTED_RANGE); the rare rows outside the range are redone shifted.
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
                 if b is None:
                     logits = torch.mm(x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
                 else:
                     logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])
-                lse[start:stop] = unshifted_log_normalizer_(logits)
+                if in_place:  # the CPU kernel reads each row before it writes it
+                    torch.log_softmax(logits, 1, out=logits)
+                    out[start:stop] = logits.gather(1, tgt[start:stop, None]).squeeze(1)
+                else:
+                    out[start:stop] = unshifted_log_normalizer_(logits)
+            if in_place:
+                return out.float()
             low, high = UNSHIFTED_RANGE
-            redo = ~((lse > low) & (lse < high))  # also inf (an overflowed exp) and nan
+            redo = ~((out > low) & (out < high))  # also inf (an overflowed exp) and nan
             if bool(redo.any()):  # one check per call, not per block (a GPU would sync on each)
                 for part in redo.nonzero().squeeze(1).split(rows):
                     logits = x[part] @ w_t if b is None else torch.addmm(b, x[part], w_t)
-                    lse[part] = log_normalizer_(logits)
-        return target - lse
+                    out[part] = log_normalizer_(logits)
+        target = (flat.float() * weight[tgt].float()).sum(-1)  # (M,) fp32
+        if bias is not None:
+            target = target + bias[tgt].float()
+        return target - out
 
     @torch.no_grad()
     def generate(

@@ -27,9 +27,9 @@ _frozen = threading.local()  # .copies: {(weight ptr, bias ptr, dtype): (weight^
 @contextlib.contextmanager
 def frozen_parameters():
     """Inside, the caller promises that no parameter changes, so the output layer may keep
-    its low-precision (bf16) copy of the weights between calls: validation and importance
-    sampling (hundreds of decoder passes per batch) convert the (V, H) matrix once per block,
-    not once per call. The copies are dropped when the outermost block ends.
+    its transposed contiguous (and, under autocast, bf16) copy of the weights between calls:
+    validation and importance sampling (hundreds of decoder passes per batch) copy the (V, H)
+    matrix once per block, not once per call. The copies are dropped when the outermost block ends.
 
     The promise cannot be checked by the tensors' version counters: a fused optimizer
     (``torch.optim.Adam(fused=True)``) updates parameters in place without bumping
@@ -45,10 +45,11 @@ def frozen_parameters():
             _frozen.copies = None
 
 
-def lowp_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight^T, bias) in ``dtype``, weight^T contiguous; made once per
-    :func:`frozen_parameters` block, afresh on every call outside one."""
+def transposed_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight^T, bias) in ``dtype``, weight^T contiguous (H, V): the row-block products run
+    about 1.2x faster on it than on the transposed view (fp32, 64-row blocks, one thread). Made
+    once per :func:`frozen_parameters` block, afresh on every call outside one."""
     copies = getattr(_frozen, "copies", None)
     key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), dtype)
     if copies is not None and key in copies:
