@@ -16,8 +16,8 @@ from latentlm.evaluation.translation import translation_metrics
 from latentlm.evaluation.likelihood import importance_sampled_log_marginal, perplexity
 from latentlm.inference.local import LocalELBO
 from latentlm.models.base import ConditionalGenerator, FiniteLatentModel
-from latentlm.precision import autocast
 from latentlm.nn.output import frozen_parameters
+from latentlm.precision import autocast
 
 
 def _evaluate_batch(model, posterior, objective, batch, samples, totals, stats, usage) -> None:

@@ -35,6 +35,7 @@ from latentlm.device import describe, module_device, resolve_device
 from latentlm.evaluation.latent import LatentStatistics
 from latentlm.evaluation.likelihood import perplexity
 from latentlm.errors import CheckpointError, ConfigError
+from latentlm.nn.output import frozen_parameters
 from latentlm.precision import autocast
 from latentlm.system import System, build_system, source_size
 from latentlm.models.base import InitializedFromData
@@ -43,7 +44,6 @@ from latentlm.io import atomic_write_text, save_weights
 from latentlm.training.collapse import CollapseWatch
 from latentlm.training.checkpoint import gather_rng_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from latentlm.training.learners import make_learner
-from latentlm.nn.output import frozen_parameters
 
 log = logging.getLogger("latentlm")
 
