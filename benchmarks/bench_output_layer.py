@@ -7,8 +7,8 @@ reach) and a 2048^3 product (the machine's matmul limit):
 - ``unshifted``: exp in place, fp32 sum (two passes; the module's low-precision normalizer);
 - ``log_softmax``: ATen's fused log-softmax in place on the block (fp32 only: in bf16 it would
   round each log-probability to bf16);
-- ``module``: ``LSTMDecoder._inference_log_probs`` itself (whichever of the above it uses, plus
-  its target gather).
+- ``module``: ``LSTMDecoder._inference_log_probs`` itself, inside ``frozen_parameters()`` as
+  importance sampling calls it (whichever of the above it uses, plus its target gather).
 Paths alternate within each rep (order rotated); medians.
 
     python benchmarks/bench_output_layer.py --threads 1 --reps 7
@@ -23,7 +23,7 @@ import time
 import torch
 
 from latentlm.nn.decoders import LSTMDecoder
-from latentlm.nn.output import log_normalizer_, unshifted_log_normalizer_
+from latentlm.nn.output import frozen_parameters, log_normalizer_, unshifted_log_normalizer_
 
 
 def _timed(fn) -> float:
@@ -66,8 +66,9 @@ def main() -> None:
             torch.log_softmax(logits, 1, out=logits)
             return logits.gather(1, tgt[s:e, None]).squeeze(1)
 
-        def module():
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        def module():  # as importance sampling calls it: inside one frozen_parameters() block
+            with torch.no_grad(), frozen_parameters(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 return d._inference_log_probs(flat, tgt)
 
         out = {f"{name} bare product": blocks(lambda logits, s, e: logits[:, 0].float()),

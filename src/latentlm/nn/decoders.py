@@ -11,8 +11,8 @@ from torch import nn
 
 from latentlm.data.vocab import Vocab
 from latentlm.nn.dropout import Dropout
-from latentlm.nn.output import (UNSHIFTED_RANGE, compute_dtype, linear_log_softmax_gather, log_normalizer_,
-                                transposed_weights, unshifted_log_normalizer_)
+from latentlm.nn.output import (block_logits, compute_dtype, linear_log_softmax_gather, log_normalizer_,
+                                outside_unshifted_range, transposed_weights, unshifted_log_normalizer_)
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
 FUSED_OUTPUT_MODE = "bf16"
@@ -154,10 +154,7 @@ class LSTMDecoder(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
-                if b is None:
-                    logits = torch.mm(x[start:stop], w_t, out=buf[: stop - start])  # (r, V)
-                else:
-                    logits = torch.addmm(b, x[start:stop], w_t, out=buf[: stop - start])
+                logits = block_logits(x[start:stop], w_t, b, buf)  # (r, V)
                 if in_place:  # the CPU kernel reads each row before it writes it
                     torch.log_softmax(logits, 1, out=logits)
                     out[start:stop] = logits.gather(1, tgt[start:stop, None]).squeeze(1)
@@ -165,12 +162,8 @@ class LSTMDecoder(nn.Module):
                     out[start:stop] = unshifted_log_normalizer_(logits)
             if in_place:
                 return out.float()
-            low, high = UNSHIFTED_RANGE
-            redo = ~((out > low) & (out < high))  # also inf (an overflowed exp) and nan
-            if bool(redo.any()):  # one check per call, not per block (a GPU would sync on each)
-                for part in redo.nonzero().squeeze(1).split(rows):
-                    logits = x[part] @ w_t if b is None else torch.addmm(b, x[part], w_t)
-                    out[part] = log_normalizer_(logits)
+            for part in outside_unshifted_range(out).split(rows):
+                out[part] = log_normalizer_(block_logits(x[part], w_t, b))
         target = (flat.float() * weight[tgt].float()).sum(-1)  # (M,) fp32
         if bias is not None:
             target = target + bias[tgt].float()

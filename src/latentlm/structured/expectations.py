@@ -37,7 +37,7 @@ def chain_expectations(
     (shapes as in :mod:`latentlm.structured.chain`) and the score f = (``score_init`` (K,),
     ``score_trans`` (K, K), ``score_unary`` (B, T, K), each optional; ``score_unary`` is read on
     real positions only). Both 0 for an empty row. Differentiable in every argument (a
-hand-written reverse sweep; under ``create_graph=True`` autograd through the plain sweep);
+    hand-written reverse sweep; under ``create_graph=True`` autograd through the plain sweep);
     -inf scores are clamped to a huge finite number, so impossible transitions get probability
     exactly 0 and produce no NaN in either pass."""
     lengths = check_chain(init, trans, unary, lengths)

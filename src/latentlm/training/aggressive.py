@@ -31,8 +31,8 @@ import torch
 
 from latentlm.data.batching import Batch, TextDataset
 from latentlm.errors import ConfigError
-from latentlm.nn.gradients import clip_gradients
 from latentlm.evaluation.latent import latent_statistics
+from latentlm.nn.gradients import clip_gradients
 
 
 @dataclass
