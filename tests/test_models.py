@@ -113,6 +113,63 @@ def test_inference_log_probs_match_the_training_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_inference_layer_scores_every_call_like_the_training_path(dtype):
+    """Inside ``frozen_parameters`` the W^T copy and the logits buffer have rows padded to
+    ALIGN_BYTES (V = 7 here: 9 pad columns in fp32); the buffer's -inf padding must survive
+    each block's in-place normalizer, or the next call's normalizers would count it."""
+    from latentlm.nn.output import ALIGN_BYTES, frozen_parameters, transposed_weights
+
+    torch.manual_seed(0)
+    vocab = Vocab.build([["a", "b", "c"]])
+    model = SentenceVAE(len(vocab), embed_dim=4, hidden_dim=5, latent_dim=2).eval()
+    batch = TextDataset([["a", "b"], ["c", "a", "b", "b"]], vocab).make_batch([0, 1])
+    model.decoder.INFERENCE_BLOCK_ROWS = {torch.float32: (4, 2), torch.bfloat16: (4, 2)}
+    with frozen_parameters(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        w_t = transposed_weights(model.decoder.out.weight, model.decoder.out.bias, dtype)[0]
+        assert w_t.stride(1) == 1 and (w_t.stride(0) * w_t.element_size()) % ALIGN_BYTES == 0
+        torch.testing.assert_close(w_t.float(), model.decoder.out.weight.t().to(dtype).float(), rtol=0, atol=0)
+        for seed in range(3):  # the buffer carries over from call to call
+            z = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                infer_path = model.log_likelihood(batch, z)
+            with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+                train_path = model.log_likelihood(batch, z).detach()
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(infer_path, train_path, rtol=tol, atol=tol)
+            buf = model.decoder._logits_buffer
+            assert (buf[:, len(vocab):] == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_states_for_many_latents_equal_the_repeated_batch(dtype):
+    """The inference recurrence (x's input product once, (i, f, o, g) gates, tanh through the
+    sigmoid) gives the same states as nn.LSTM over the S-times repeated batch, and importance
+    sampling's per-batch scorer the same log p(x | z) as log_likelihood."""
+    torch.manual_seed(0)
+    vocab = Vocab.build([["a", "b", "c", "d"]])
+    model = SentenceVAE(len(vocab), embed_dim=6, hidden_dim=5, latent_dim=3).eval()
+    with torch.no_grad():
+        model.decoder.lstm.bias_hh_l0.normal_()  # both biases count
+    batch = TextDataset([["a", "b"], ["c", "a", "d", "b"], ["d"]], vocab).make_batch([0, 1, 2])
+    z = torch.randn(4, 3, 3)
+    on = dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = model.decoder.hidden_states(batch.inputs.repeat(4, 1), z.reshape(12, 3))
+        expected_ll = model.log_likelihood(batch, z)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            got = model.decoder.states_for_latents(batch.inputs)(z)
+            got_ll = model.log_likelihood_of(batch)(z)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(got_ll, expected_ll, rtol=0, atol=1e-5 if not on else 0.1)
+    model.train()  # training (dropout, autograd) keeps nn.LSTM
+    with pytest.raises(RuntimeError, match="inference path"):
+        model.decoder.states_for_latents(batch.inputs)
+    assert model.log_likelihood_of(batch).func == model.log_likelihood
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_normalizer_redoes_rows_outside_the_unshifted_range(dtype):
     """The inference path sums exp(logits) without the row max; rows whose logits would overflow
     (or all underflow) are recomputed with the shift, so every row matches log_softmax."""

@@ -38,6 +38,7 @@ def importance_sampled_log_marginal(
     if chunk is None:  # a document BowBatch has no positions: one row per document
         positions = 1 if isinstance(batch, BowBatch) else batch.inputs.size(1)
         chunk = max(1, IS_TOKENS_PER_CHUNK // max(1, batch.size * positions))
+    log_likelihood = model.log_likelihood_of(batch)  # what depends on x alone, once
     log_w = []
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
@@ -45,7 +46,7 @@ def importance_sampled_log_marginal(
             z = q.sample((n,))  # (c, B, D)
         else:
             z = q.base_dist.loc + q.base_dist.scale * noise[start : start + n]
-        log_w.append(model.log_likelihood(batch, z) + p.log_prob(z) - q.log_prob(z))
+        log_w.append(log_likelihood(z) + p.log_prob(z) - q.log_prob(z))
     return torch.logsumexp(torch.cat(log_w), 0) - math.log(samples)
 
 

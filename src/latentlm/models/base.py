@@ -7,7 +7,9 @@ combine it with a posterior q(z | x).
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +42,12 @@ class LatentVariableModel(nn.Module):
     def log_likelihood(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats. ``z`` is (S, B, ...) — S samples per example; returns (S, B)."""
         raise NotImplementedError
+
+    def log_likelihood_of(self, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z (S, B, ...) -> log p(x | z) (S, B) for one batch and many draws of z (importance
+        sampling calls it chunk after chunk): a model may compute once what depends on x alone.
+        By default, :meth:`log_likelihood` on each call."""
+        return functools.partial(self.log_likelihood, batch)
 
     def log_marginal(self, batch: Batch) -> torch.Tensor:
         """Exact log p(x), (B,), for models where it is tractable."""

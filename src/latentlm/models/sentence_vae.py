@@ -55,6 +55,21 @@ class SentenceVAE(LatentVariableModel):
         ll = self.decoder.token_log_probs(states, batch.targets.repeat(rep), batch.mask.repeat(rep))
         return ll.view(S, B)
 
+    def log_likelihood_of(self, batch: Batch):
+        """In inference, the LSTM decoder's work on x is done once for all draws of z
+        (:meth:`LSTMDecoder.states_for_latents`); otherwise :meth:`log_likelihood` per call."""
+        dec = self.decoder
+        if not (isinstance(dec, LSTMDecoder) and dec.shares_inputs()):
+            return super().log_likelihood_of(batch)
+        states_of = dec.states_for_latents(batch.inputs)
+
+        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+            S, B = z.shape[:2]
+            rep = (S, 1)
+            return dec.token_log_probs(states_of(z), batch.targets.repeat(rep), batch.mask.repeat(rep)).view(S, B)
+
+        return log_likelihood
+
     @torch.no_grad()
     def generate(self, z, num, max_len=50, greedy=False, generator=None):
         if z is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from latentlm.data.vocab import Vocab
 from latentlm.nn.dropout import Dropout
-from latentlm.nn.output import (block_logits, compute_dtype, linear_log_softmax_gather, log_normalizer_,
+from latentlm.nn.output import (aligned_rows, block_logits, compute_dtype, linear_log_softmax_gather, log_normalizer_,
                                 outside_unshifted_range, transposed_weights, unshifted_log_normalizer_)
 
 #: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
@@ -52,7 +53,7 @@ class LSTMDecoder(nn.Module):
     #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs), per
     #: thread: one thread wants blocks that stay in cache (fp32 64, bf16 128 rows), several want
     #: products large enough to split (fp32 512 rows a thread; BENCHMARKS.md "IS block rows")
-    INFERENCE_BLOCK_ROWS = {torch.float32: (64, 512), torch.bfloat16: (128, 128)}
+    INFERENCE_BLOCK_ROWS = {torch.float32: (1024, 512), torch.bfloat16: (512, 256)}
 
     def __init__(
         self,
@@ -88,6 +89,71 @@ class LSTMDecoder(nn.Module):
             emb = torch.cat([emb, z[:, None, :].expand(-1, emb.size(1), -1)], dim=-1)
         states, _ = self.lstm(emb, self.initial_state(z, inputs.size(0)))
         return self.dropout(states)
+
+    def shares_inputs(self) -> bool:
+        """Whether :meth:`states_for_latents` applies: inference (no autograd, dropout off), one
+        layer, a z read at every step."""
+        return (not self.training and not torch.is_grad_enabled() and self.num_layers == 1
+                and self.latent_dim > 0 and self.lstm.bias)
+
+    def states_for_latents(self, inputs: torch.Tensor):
+        """For one batch ``inputs`` (B, T) and many draws of z: a function z (S, B, D) -> the
+        top-layer states (S*B, T, H), rows sample-major as ``inputs.repeat(S, 1)`` — the same
+        numbers as :meth:`hidden_states` on the repeated batch, without its S-fold work on x.
+
+        The input product W_ih [e(x_t); z] + b splits into W_e e(x_t) + b, computed here once
+        for the batch, and W_z z, once per sample (not per step); the recurrence is then one
+        (S*B, H) x (H, 4H) product per step. Gates are laid out (i, f, o, g) with the g rows
+        doubled, so one in-place sigmoid serves all four (tanh(a) = 2 sigmoid(2a) - 1: ATen's
+        CPU tanh ran at a seventh of sigmoid's speed); the cell state stays fp32. Under bf16
+        autocast the products and gates run in bf16. Inference only (:meth:`shares_inputs`).
+        """
+        if not self.shares_inputs():
+            raise RuntimeError("states_for_latents is an inference path: eval mode, no autograd, "
+                               "one layer, a latent")
+        lstm, H, (B, T) = self.lstm, self.hidden_dim, inputs.shape
+        E = self.embed.embedding_dim
+        dtype = compute_dtype(lstm.weight_hh_l0)
+        device = inputs.device
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        order = order.to(device)
+        scale = torch.ones(4 * H, 1, device=device)
+        scale[3 * H:] = 2.0
+        with torch.autocast(device.type, enabled=False):
+            w_ih = lstm.weight_ih_l0[order] * scale                      # (4H, E + D)
+            w_hh_t = (lstm.weight_hh_l0[order] * scale).t().contiguous().to(dtype)  # (H, 4H)
+            bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[order] * scale[:, 0]
+            w_z_t = w_ih[:, E:].t().contiguous()                         # (D, 4H)
+            x_gates = torch.addmm(bias, self.embed(inputs).reshape(B * T, E).float(), w_ih[:, :E].t())
+            x_gates = x_gates.view(B, T, 4 * H).to(dtype)
+
+        def states(z: torch.Tensor) -> torch.Tensor:
+            S = z.size(0)
+            N = S * B
+            with torch.autocast(device.type, enabled=False):
+                z = z.reshape(N, -1).float()
+                z_gates = (z @ w_z_t).view(S, B, 4 * H).to(dtype)
+                c = self.z_to_state(z)                                    # (N, H) fp32
+                h = torch.tanh(c).to(dtype)
+                out = torch.empty(N, T, H, dtype=dtype, device=device)
+                gates = torch.empty(S, B, 4 * H, dtype=dtype, device=device)
+                flat = gates.view(N, 4 * H)
+                act = flat if dtype == torch.float32 else torch.empty(N, 4 * H, device=device)
+                i, f, o, g = act[:, :H], act[:, H:2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
+                tanh_c = torch.empty(N, H, device=device)
+                for t in range(T):
+                    torch.add(z_gates, x_gates[:, t], out=gates)
+                    flat.addmm_(h, w_hh_t)
+                    flat.sigmoid_()                                       # i, f, o; sigmoid(2g)
+                    if act is not flat:
+                        act.copy_(flat)                                   # one cast, not one per op
+                    c.mul_(f).addcmul_(i, g, value=2.0).sub_(i)           # c = f c + i tanh(g)
+                    torch.mul(c, 2.0, out=tanh_c).sigmoid_().mul_(2.0).sub_(1.0)
+                    h = out[:, t]
+                    torch.mul(o, tanh_c, out=h)                           # h = o tanh(c)
+            return out
+
+        return states
 
     def token_log_probs(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p(target_t | ...) summed over real positions: (N,).
@@ -128,14 +194,15 @@ class LSTMDecoder(nn.Module):
 
         The logits go block by block through a (rows x V) buffer kept between calls (so
         importance sampling with hundreds of chunks does not allocate and page-fault a fresh
-        logits tensor each time), small enough to stay in cache from the product to the
-        normalizer: one trip to memory instead of several.
-        - fp32 / fp64 on the CPU: ATen's fused log-softmax, in place on the block (max and
-          exp-sum in one vectorized sweep per row), then the target's entry;
+        logits tensor each time). Its rows are padded to :data:`ALIGN_BYTES` (the padding holds
+        -inf), as are the rows of the W^T copy: the products ran 1.3x faster into aligned rows.
+        - fp32 / fp64 on the CPU: ATen's fused log-softmax, in place on the whole padded block
+          (contiguous; the -inf columns add nothing), then the target's entry;
         - under bf16 autocast (or on a GPU) the product runs in the low precision and the
-          normalizer is exp in place + an fp32 sum (no row max, :data:`UNSHIFTED_RANGE`; rows
-          outside it are redone shifted) subtracted from the target logit, an fp32 dot product:
-          a bf16 log-softmax would round every log-probability to bf16.
+          normalizer is exp in place + a sum accumulated in fp32 and rounded to bf16 (no row
+          max, :data:`UNSHIFTED_RANGE`; rows outside it are redone shifted) subtracted from the
+          target logit, an fp32 dot product: a bf16 log-softmax would round every
+          log-probability to bf16.
         ``benchmarks/bench_output_layer.py`` times each normalizer against the bare product.
         """
         weight, bias = self.out.weight, self.out.bias  # (V, H), (V,)
@@ -146,20 +213,22 @@ class LSTMDecoder(nn.Module):
         single, per_thread = self.INFERENCE_BLOCK_ROWS.get(dtype, (64, 64))
         rows = single if threads == 1 else per_thread * threads
         buf = getattr(self, "_logits_buffer", None)
-        if buf is None or buf.dtype != dtype or buf.size(0) != rows:
-            buf = self._logits_buffer = torch.empty(rows, V, dtype=dtype, device=flat.device)
+        if buf is None or buf.dtype != dtype or buf.size(0) != rows or buf.device != flat.device:
+            # aligned rows; the padding stays -inf, so the log-softmax may run over whole rows
+            buf = self._logits_buffer = aligned_rows(rows, V, dtype, flat.device, fill=-math.inf)
         x = flat.to(dtype)
         in_place = flat.device.type == "cpu" and dtype in (torch.float32, torch.float64)
         out = torch.empty(M, dtype=torch.float32 if not in_place else dtype, device=flat.device)
         with torch.autocast(flat.device.type, enabled=False):
             for start in range(0, M, rows):
                 stop = min(M, start + rows)
-                logits = block_logits(x[start:stop], w_t, b, buf)  # (r, V)
+                logits = block_logits(x[start:stop], w_t, b, buf[:, :V])  # (r, V) view
                 if in_place:  # the CPU kernel reads each row before it writes it
-                    torch.log_softmax(logits, 1, out=logits)
-                    out[start:stop] = logits.gather(1, tgt[start:stop, None]).squeeze(1)
+                    whole = buf[: stop - start]  # contiguous (a strided view would be copied)
+                    torch.log_softmax(whole, 1, out=whole)
+                    out[start:stop] = whole.gather(1, tgt[start:stop, None]).squeeze(1)
                 else:
-                    out[start:stop] = unshifted_log_normalizer_(logits)
+                    out[start:stop] = unshifted_log_normalizer_(logits, fp32_sum=False)
             if in_place:
                 return out.float()
             for part in outside_unshifted_range(out).split(rows):

@@ -45,10 +45,29 @@ def frozen_parameters():
             _frozen.copies = None
 
 
+#: rows of the inference layer's W^T copy and logits buffer start a multiple of this many bytes
+#: apart: with V = 10,004 fp32 columns (40,016-byte rows) (1,024 x 256) x (256 x V) products ran
+#: 131 GFLOP/s into an unpadded buffer and 170 into a padded one (2 threads; BENCHMARKS.md)
+ALIGN_BYTES = 64
+
+
+def padded_columns(cols: int, dtype: torch.dtype) -> int:
+    """``cols`` rounded up so that a row of ``dtype`` is a multiple of :data:`ALIGN_BYTES`."""
+    per = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-cols // per) * per
+
+
+def aligned_rows(rows: int, cols: int, dtype: torch.dtype, device=None, fill: float = 0.0) -> torch.Tensor:
+    """A (rows, padded_columns(cols)) tensor filled with ``fill``: ``[:, :cols]`` is the
+    aligned-row (rows, cols) view to compute into; the padding keeps ``fill``."""
+    return torch.full((rows, padded_columns(cols, dtype)), fill, dtype=dtype, device=device)
+
+
 def transposed_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight^T, bias) in ``dtype``, weight^T contiguous (H, V): the row-block products run
-    about 1.2x faster on it than on the transposed view (fp32, 64-row blocks, one thread). Made
+    """(weight^T, bias) in ``dtype``, weight^T (H, V) with unit column stride and rows
+    :data:`ALIGN_BYTES`-aligned (a view of a padded copy): the row-block products run about
+    1.2x faster on it than on the transposed view (fp32, 64-row blocks, one thread). Made
     once per :func:`frozen_parameters` block; outside one, converted afresh when ``dtype`` differs
     from the weight's, else the transposed view."""
     copies = getattr(_frozen, "copies", None)
@@ -57,7 +76,10 @@ def transposed_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: t
     key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), dtype)
     if copies is not None and key in copies:
         return copies[key]
-    copy = (weight.detach().to(dtype).t().contiguous(), None if bias is None else bias.detach().to(dtype))
+    V, H = weight.shape
+    w_t = aligned_rows(H, V, dtype, weight.device)[:, :V]
+    w_t.copy_(weight.detach().t())
+    copy = (w_t, None if bias is None else bias.detach().to(dtype))
     if copies is not None:
         copies[key] = copy
     return copy
@@ -75,12 +97,18 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 UNSHIFTED_RANGE = (-40.0, 80.0)
 
 
-def unshifted_log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
+def unshifted_log_normalizer_(logits: torch.Tensor, fp32_sum: bool = True) -> torch.Tensor:
     """log sum exp over the last dim of a (r, V) block without the row max, (r,) in fp32: two
     passes over the block (exp in place, sum) instead of four (max, subtract, exp, sum). Exact
     where the result lies in :data:`UNSHIFTED_RANGE`; outside it (overflow gives inf) the caller
-    must recompute the row with :func:`log_normalizer_`. Overwrites ``logits`` with exp(logits)."""
-    return logits.exp_().sum(1, dtype=torch.float32).log_()
+    must recompute the row with :func:`log_normalizer_`. Overwrites ``logits`` with exp(logits).
+
+    ``fp32_sum=False`` (a bf16 block): ATen's CPU sum still accumulates in fp32 but rounds the
+    result to bf16 — up to 2^-9 relative, 0.002 nats on the log — and skips the conversion of
+    the whole block to fp32 that an fp32 result costs it (a third pass; 7 % of bf16 IS-500)."""
+    if fp32_sum or logits.dtype == torch.float32:
+        return logits.exp_().sum(1, dtype=torch.float32).log_()
+    return logits.exp_().sum(1).float().log_()
 
 
 def outside_unshifted_range(lse: torch.Tensor) -> torch.Tensor:
