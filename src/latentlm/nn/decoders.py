@@ -15,8 +15,9 @@ from latentlm.nn.dropout import Dropout
 from latentlm.nn.output import (aligned_rows, block_logits, compute_dtype, linear_log_softmax_gather, log_normalizer_,
                                 outside_unshifted_range, transposed_weights, unshifted_log_normalizer_)
 
-#: when training uses the fused output layer: "bf16" (under autocast), "always", "never"
-FUSED_OUTPUT_MODE = "bf16"
+#: when training uses the fused output layer: "cpu" (fp32 or bf16 products on the CPU), "bf16"
+#: (under CPU autocast only), "always", "never"
+FUSED_OUTPUT_MODE = "cpu"
 _twice = threading.local()
 
 
@@ -182,11 +183,15 @@ class LSTMDecoder(nn.Module):
 
     @staticmethod
     def fused_output(flat: torch.Tensor) -> bool:
-        """Training uses the fused blocked output layer under bf16 autocast, where memory
-        traffic dominates; in fp32 the extra product of its backward costs more than it saves.
-        A CPU measurement: on CUDA the plain cuBLAS product and cross-entropy are used."""
+        """Training uses the fused blocked output layer on the CPU in fp32 and under bf16
+        autocast: with its aligned-row (M, V) buffer its forward + backward ran 1.4x faster than
+        ``nn.Linear`` + cross-entropy in fp32 (M = 658, H = 256, V = 10,002, 1 and 2 threads)
+        and 2.6-2.8x under bf16. On CUDA the plain cuBLAS product and cross-entropy are used,
+        and in fp64 the plain path keeps full precision (the fused normalizer sums in fp32)."""
         if getattr(_twice, "depth", 0):
             return False
+        if FUSED_OUTPUT_MODE == "cpu":
+            return flat.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or flat.dtype == torch.float32)
         return FUSED_OUTPUT_MODE == "always" or (FUSED_OUTPUT_MODE == "bf16" and torch.is_autocast_enabled("cpu"))
 
     def _inference_log_probs(self, flat: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
