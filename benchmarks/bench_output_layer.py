@@ -11,7 +11,13 @@ reach) and a 2048^3 product (the machine's matmul limit):
   importance sampling calls it (whichever of the above it uses, plus its target gather).
 Paths alternate within each rep (order rotated); medians.
 
+``--training``: the training layer's forward + backward instead (M = 658 rows: a batch of 32
+PTB sentences): ``nn.Linear`` + cross-entropy against ``linear_log_softmax_gather`` (the fused
+layer LSTMDecoder trains with on the CPU) with its (M, V) buffer's rows aligned to
+``ALIGN_BYTES`` as it runs, and the same with unpadded rows, in fp32 and bf16.
+
     python benchmarks/bench_output_layer.py --threads 1 --reps 7
+    python benchmarks/bench_output_layer.py --threads 2 --reps 25 --training --rows 658
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import time
 import torch
 
 from latentlm.nn.decoders import LSTMDecoder
-from latentlm.nn.output import frozen_parameters, log_normalizer_, unshifted_log_normalizer_
+from latentlm.nn import output as output_layer
+from latentlm.nn.output import frozen_parameters, linear_log_softmax_gather, log_normalizer_, unshifted_log_normalizer_
 
 
 def _timed(fn) -> float:
@@ -38,8 +45,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rows", type=int, default=8800, help="M: rows scored per call (an IS chunk's tokens)")
     ap.add_argument("--out", help="write the medians as JSON here")
+    ap.add_argument("--training", action="store_true", help="time the training layer (forward + backward)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.training:
+        return training(args)
     torch.manual_seed(0)
     V, H, M = 10004, 256, args.rows
     d = LSTMDecoder(V, H, H, 32).eval()
@@ -106,6 +116,56 @@ def main() -> None:
         result[name] = {"ms": med * 1e3, "gflops": flop / med / 1e9, "reps_ms": [t * 1e3 for t in ts]}
         pct = 100 * flop / med / 1e9 / limit[name.split(" ")[0]]
         print(f"| {name} | {med * 1e3:.1f} | {flop / med / 1e9:.0f} | {bare / med:.2f} | {pct:.0f} % |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+def training(args) -> None:
+    torch.manual_seed(0)
+    M, H, V = args.rows, 256, 10002
+    h = torch.randn(M, H, requires_grad=True)
+    weight = (torch.randn(V, H) * 0.05).requires_grad_()
+    tgt = torch.randint(0, V, (M,))
+    aligned = output_layer.aligned_rows
+
+    def unpadded(rows, cols, dtype, device=None, fill=None):
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+
+    def fused(dtype, rows_fn):
+        def run():
+            output_layer.aligned_rows = rows_fn
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    linear_log_softmax_gather(h, weight, None, tgt).sum().backward()
+            finally:
+                output_layer.aligned_rows = aligned
+        return run
+
+    def plain():
+        (-torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight), tgt, reduction="none")).sum().backward()
+
+    paths = {"fp32 nn.Linear + cross-entropy": plain, "fp32 fused, aligned rows": fused("fp32", aligned),
+             "fp32 fused, unpadded rows": fused("fp32", unpadded), "bf16 fused, aligned rows": fused("bf16", aligned),
+             "bf16 fused, unpadded rows": fused("bf16", unpadded)}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for fn in paths.values():
+        fn()
+    for rep in range(args.reps):
+        names = list(paths)
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            h.grad = weight.grad = None
+            times[name].append(_timed(paths[name]))
+    flop = 3 * 2 * M * H * V
+    base = statistics.median(times["fp32 nn.Linear + cross-entropy"])
+    result = {"threads": args.threads, "rows": M, "V": V, "reps": args.reps}
+    print(f"training layer, forward + backward, threads {args.threads}, M = {M}, V = {V}, H = {H}, "
+          f"{args.reps} reps, medians")
+    print("| path | ms | GFLOP/s | speed-up vs nn.Linear + CE |\n| --- | ---: | ---: | ---: |")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = {"ms": med * 1e3, "gflops": flop / med / 1e9, "reps_ms": [t * 1e3 for t in ts]}
+        print(f"| {name} | {med * 1e3:.1f} | {flop / med / 1e9:.0f} | {base / med:.2f} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)

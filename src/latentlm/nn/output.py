@@ -45,9 +45,10 @@ def frozen_parameters():
             _frozen.copies = None
 
 
-#: rows of the inference layer's W^T copy and logits buffer start a multiple of this many bytes
+#: rows of the output layers' W^T copy and logits buffers start a multiple of this many bytes
 #: apart: with V = 10,004 fp32 columns (40,016-byte rows) (1,024 x 256) x (256 x V) products ran
-#: 131 GFLOP/s into an unpadded buffer and 170 into a padded one (2 threads; BENCHMARKS.md)
+#: 69 / 129 GFLOP/s (1 / 2 threads) into unpadded rows and 97 / 162 into padded ones
+#: (benchmarks/bench_aligned_rows.py; BENCHMARKS.md)
 ALIGN_BYTES = 64
 
 
