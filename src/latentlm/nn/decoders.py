@@ -51,9 +51,10 @@ class LSTMDecoder(nn.Module):
     and is concatenated to every input embedding (He et al. 2019's sentence-VAE decoder).
     """
 
-    #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs), per
-    #: thread: one thread wants blocks that stay in cache (fp32 64, bf16 128 rows), several want
-    #: products large enough to split (fp32 512 rows a thread; BENCHMARKS.md "IS block rows")
+    #: rows of the (rows x V) logits block used without autograd (see _inference_log_probs): (one
+    #: thread, per thread when several). Into aligned rows larger blocks won (one quick IS-500
+    #: measurement at one thread, fp32: 89 s per 100 sentences with 1,024 rows, 99 with 64); in
+    #: bf16 the block size made less difference than the machine's noise from 128 to 1,024 rows
     INFERENCE_BLOCK_ROWS = {torch.float32: (1024, 512), torch.bfloat16: (512, 256)}
 
     def __init__(
@@ -186,8 +187,9 @@ class LSTMDecoder(nn.Module):
         """Training uses the fused blocked output layer on the CPU in fp32 and under bf16
         autocast: with its aligned-row (M, V) buffer its forward + backward ran 1.44x (1 thread)
         and 1.28x (2 threads) as fast as ``nn.Linear`` + cross-entropy in fp32 (M = 658, H = 256,
-        V = 10,002; ``bench_output_layer.py --training``), 2.9x / 2.5x under bf16. On CUDA the plain cuBLAS product and cross-entropy are used,
-        and in fp64 the plain path keeps full precision (the fused normalizer sums in fp32)."""
+        V = 10,002; ``bench_output_layer.py --training``), 2.9x / 2.5x under bf16. On CUDA the
+        plain cuBLAS product and cross-entropy are used, and in fp64 the plain path keeps full
+        precision (the fused normalizer sums in fp32)."""
         if getattr(_twice, "depth", 0):
             return False
         if FUSED_OUTPUT_MODE == "cpu":
