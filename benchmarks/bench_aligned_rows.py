@@ -8,10 +8,9 @@ and against V = 10,000 / 10,016 (aligned by themselves). Medians of 7; GFLOP/s.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_crf import median_time  # warm-up call, then the median of timed calls
 
 
 def main() -> None:
@@ -21,15 +20,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     H, M = 256, args.rows
-
-    def gflops(fn, flop, reps=7):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return flop / statistics.median(ts) / 1e9
 
     print(f"threads {args.threads}, M = {M}, H = {H}")
     for dtype in (torch.float32, torch.bfloat16):
@@ -45,7 +35,8 @@ def main() -> None:
                         e = min(M, s + block)
                         torch.mm(x[s:e], w, out=buf[: e - s, :V])
 
-                cells.append(f"V {V} rows {ld * x.element_size()} B apart: {gflops(run, 2 * M * H * V):.0f}")
+                gflops = 2 * M * H * V / median_time(run, 7) / 1e9
+                cells.append(f"V {V} rows {ld * x.element_size()} B apart: {gflops:.0f}")
             print(f"{str(dtype).split('.')[-1]}, {block}-row blocks: " + " | ".join(cells), flush=True)
 
 

@@ -50,10 +50,14 @@ class SentenceVAE(LatentVariableModel):
         inputs = batch.inputs
         if self.training:
             inputs = word_dropout(inputs, self.word_dropout)
+        states = self.decoder.hidden_states(inputs.repeat(S, 1), z.reshape(S * B, -1))
+        return self._score(batch, states, S)
+
+    def _score(self, batch: Batch, states: torch.Tensor, S: int) -> torch.Tensor:
+        """log p(x | z) (S, B) from the decoder states (S*B, T, H) of S sample-major copies of the batch."""
         rep = (S, 1)
-        states = self.decoder.hidden_states(inputs.repeat(rep), z.reshape(S * B, -1))
         ll = self.decoder.token_log_probs(states, batch.targets.repeat(rep), batch.mask.repeat(rep))
-        return ll.view(S, B)
+        return ll.view(S, batch.size)
 
     def log_likelihood_of(self, batch: Batch):
         """In inference, the LSTM decoder's work on x is done once for all draws of z
@@ -62,13 +66,7 @@ class SentenceVAE(LatentVariableModel):
         if not (isinstance(dec, LSTMDecoder) and dec.shares_inputs()):
             return super().log_likelihood_of(batch)
         states_of = dec.states_for_latents(batch.inputs)
-
-        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-            S, B = z.shape[:2]
-            rep = (S, 1)
-            return dec.token_log_probs(states_of(z), batch.targets.repeat(rep), batch.mask.repeat(rep)).view(S, B)
-
-        return log_likelihood
+        return lambda z: self._score(batch, states_of(z), z.size(0))
 
     @torch.no_grad()
     def generate(self, z, num, max_len=50, greedy=False, generator=None):
