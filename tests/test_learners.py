@@ -244,3 +244,49 @@ def test_clip_gradients_equals_torch_clip_grad_norm(clip):
         x.grad, y.grad = torch.tensor([1.0, bad, 2.0]), torch.tensor([1.0, bad, 2.0])
         torch.testing.assert_close(clip_gradients([x], 5.0), torch.nn.utils.clip_grad_norm_([y], 5.0), equal_nan=True)
         torch.testing.assert_close(x.grad, y.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "sgd_momentum", "adam"])
+@pytest.mark.parametrize("clip", [0.0, 1.0, 100.0])
+def test_clipped_step_equals_clip_then_step(opt, clip):
+    """clipped_step updates the parameters exactly as clip_grad_norm_ followed by step() does
+    (plain SGD folds the factor into this step's lr, which is restored; the others clip)."""
+    from latentlm.nn.gradients import clipped_step, gradient_norm, plain_sgd
+
+    def make(params):
+        if opt == "adam":
+            return torch.optim.Adam(params, lr=0.1)
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9 if opt == "sgd_momentum" else 0.0)
+
+    torch.manual_seed(1)
+    a = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    oa, ob = make(a), make(b)
+    assert plain_sgd(oa) == (opt == "sgd")
+    for _ in range(3):
+        grads = [torch.randn_like(x) * 3 for x in a]
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()
+        clipped_step(oa, a, gradient_norm(a), clip)
+        torch.nn.utils.clip_grad_norm_(b, clip or float("inf"))
+        ob.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+    assert [g["lr"] for g in oa.param_groups] == [g["lr"] for g in ob.param_groups]
+
+
+def test_gradient_norm_equals_torch_total_norm():
+    """The dot-product norm (dense fp32 CPU gradients) and the fallback (a strided one) agree
+    with torch's get_total_norm, and a non-finite gradient gives a non-finite norm."""
+    from latentlm.nn.gradients import gradient_norm
+
+    torch.manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(50, 7)), torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
+    for p in ps[:2]:
+        p.grad = torch.randn_like(p) * 10
+    want = torch.nn.utils.get_total_norm([p.grad for p in ps[:2]])
+    torch.testing.assert_close(gradient_norm(ps), want)
+    ps[0].grad = torch.randn(7, 50).t()  # not contiguous: the fallback
+    torch.testing.assert_close(gradient_norm(ps), torch.nn.utils.get_total_norm([p.grad for p in ps[:2]]))
+    ps[0].grad[3, 2] = float("nan")
+    assert not torch.isfinite(gradient_norm(ps[:1]))

@@ -6,12 +6,66 @@ from __future__ import annotations
 import torch
 
 
+def gradient_norm(parameters) -> torch.Tensor:
+    """The total 2-norm of the parameters' gradients (those that have one), fp32.
+
+    On the CPU each dense gradient's squared norm is a BLAS dot product with itself: 0.14 ms
+    against ``torch.linalg.vector_norm``'s 0.27 ms for a (10k x 256) matrix at two threads, and a
+    sentence VAE has three. Elsewhere (and for sparse or strided gradients) torch's own
+    ``get_total_norm`` (one multi-tensor kernel on a GPU)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or any(g.device.type != "cpu" or g.layout != torch.strided or not g.is_contiguous()
+                        or g.dtype != torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    flat = [g.view(-1) for g in grads]
+    return torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
+
+
+def clip_factor(norm: torch.Tensor, clip: float) -> float:
+    """min(1, clip / norm); 1 when ``clip`` is 0 (never clip). A non-finite norm gives what
+    torch's clipping would scale by (0 or NaN)."""
+    if not clip or float(norm) <= clip:
+        return 1.0
+    return clip / (float(norm) + 1e-6)
+
+
 def clip_gradients(parameters, clip: float) -> torch.Tensor:
     """The gradients' total 2-norm, after scaling them down to ``clip`` when it is above (0: never).
     ``clip_grad_norm_`` multiplies every gradient by min(1, clip / norm) even when that is 1, a
     pass over all parameters (2 % of a sentence-VAE step); here only a norm above ``clip`` does."""
     params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = gradient_norm(params)
     if clip and not float(norm) <= clip:  # a non-finite norm scales them as torch does (by 0 or NaN)
         torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     return norm
+
+
+def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """True when every step of ``optimizer`` is p -= lr * grad (SGD without momentum or weight
+    decay): scaling its gradients by c is then the same update as scaling its lr by c."""
+    return type(optimizer) is torch.optim.SGD and all(
+        not g["momentum"] and not g["weight_decay"] and not g.get("maximize", False) for g in optimizer.param_groups)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, parameters, norm: torch.Tensor, clip: float) -> None:
+    """``optimizer.step()`` on the gradients clipped to total norm ``clip`` (``norm`` is their
+    norm, from :func:`gradient_norm`). For plain SGD the factor goes into the learning rate of
+    this one step instead of into the gradients, which saves a pass over every gradient (with
+    the peer's SGD + clip 5 the sentence-VAE's gradient norm is above 5 on most steps, and that
+    pass over three (10k x 256) matrices was 3 ms of a 61 ms bf16 step at two threads)."""
+    factor = clip_factor(norm, clip)
+    if factor == 1.0:
+        optimizer.step()
+        return
+    if not plain_sgd(optimizer):
+        torch.nn.utils.clip_grads_with_norm_([p for p in parameters if p.grad is not None], clip, norm)
+        optimizer.step()
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    try:
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * factor
+        optimizer.step()
+    finally:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr

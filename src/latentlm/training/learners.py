@@ -17,7 +17,7 @@ from latentlm.device import module_device
 from latentlm.errors import ConfigError, TrainingDivergedError
 from latentlm.inference.base import Learner, ObjectiveOutput
 from latentlm.inference.em import EMLearner, GEMLearner
-from latentlm.nn.gradients import clip_gradients
+from latentlm.nn.gradients import clipped_step, gradient_norm
 from latentlm.precision import autocast
 
 
@@ -46,13 +46,14 @@ class GradientLearner(Learner):
             loss.backward()
             if self.aggressive is not None:
                 self.aggressive.before_optimizer_step()
-            grad_norm = clip_gradients(self.system.parameters(), self.clip)
+            params = [p for p in self.system.parameters() if p.grad is not None]
+            grad_norm = gradient_norm(params)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
             raise TrainingDivergedError(
                 f"{what} is not finite at step {step + 1}; the last good checkpoint in {self.checkpoint_dir} "
                 f"is kept: resume with --resume and a lower train.lr or train.clip")
-        self.optimizer.step()
+        clipped_step(self.optimizer, params, grad_norm, self.clip)
         return out
 
 
