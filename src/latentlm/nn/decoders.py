@@ -184,7 +184,7 @@ class LSTMDecoder(nn.Module):
 
     @staticmethod
     def fused_output(flat: torch.Tensor) -> bool:
-        """Training uses the fused blocked output layer on the CPU in fp32 and under bf16
+        """Training uses the fused output layer on the CPU in fp32 and under bf16
         autocast: with its aligned-row (M, V) buffer its forward + backward ran 1.44x (1 thread)
         and 1.28x (2 threads) as fast as ``nn.Linear`` + cross-entropy in fp32 (M = 658, H = 256,
         V = 10,002; ``bench_output_layer.py --training``), 2.9x / 2.5x under bf16. On CUDA the

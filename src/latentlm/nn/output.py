@@ -1,15 +1,15 @@
-"""The (H x V) output layer and its log-softmax, fused and computed in row blocks.
+"""The (H x V) output layer and its log-softmax, fused.
 
 For a sentence model the output layer is most of the arithmetic (H x V per token against
 about (E + H) x 4H for the LSTM), and under bf16 autocast the rest of its cost is memory
 traffic: the (M, V) logits cast to fp32, log-softmax, its backward, the cast back. The
-fused version keeps each block of rows' logits in cache while it computes
-log softmax(W h + b)[target] with fp32 accumulation of the normalizer, and leaves
-exp(logit - row max) in one (M, V) low-precision tensor (half the bytes of fp32 logits);
-the backward rescales it in place to the logits' gradient and runs the two products over
-all rows at once. (It used to recompute the logits block by block in the backward: one
-more (M, H, V) product per step: forward + backward of this layer took 1.35x as long,
-M = 658, H = 256, V = 10k, bf16, one thread.)
+fused version computes log softmax(W h + b)[target] with the normalizer accumulated in fp32
+and leaves exp(logit - shift) in one aligned-row (M, V) tensor of the compute dtype (half
+the bytes of fp32 logits under bf16); the backward rescales it in place to the logits'
+gradient and runs the two products over all rows at once. (It used to recompute the logits
+block by block in the backward: one more (M, H, V) product per step: forward + backward of
+this layer took 1.35x as long, M = 658, H = 256, V = 10k, bf16, one thread.) Inference
+(:meth:`LSTMDecoder._inference_log_probs`) goes block by block through a kept buffer instead.
 """
 
 from __future__ import annotations
