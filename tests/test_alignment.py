@@ -218,3 +218,50 @@ def test_grid_takes_the_alignment_rows_and_reports_bleu(tmp_path):
     assert cli(args) == 0
     table = next(out.glob("*.md")).read_text(encoding="utf-8")
     assert "BLEU" in table and "soft" in table and "hard" in table
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_pairwise_gradient_equals_autograd_of_explicit_softmaxes(shared):
+    """The hand-written backward of the pairwise table against autograd through the explicit
+    (B, T, S, V) log-softmaxes, for per-sentence c (B, S, V) and a shared c (S, V), with an
+    arbitrary upstream gradient (and a target repeated across positions)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, S, V = 2, 4, 3, 7
+    a = (torch.randn(B, T, V, generator=g) * 3).requires_grad_()
+    c = (torch.randn(*((S, V) if shared else (B, S, V)), generator=g) * 3).requires_grad_()
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, 1] = y[0, 2]
+    up = torch.randn(B, T, S, generator=g)
+    (pairwise_target_log_probs(a, c, y) * up).sum().backward()
+    got = a.grad.clone(), c.grad.clone()
+    a.grad = c.grad = None
+    cc = c[None].expand(B, S, V) if shared else c
+    explicit = (a[:, :, None, :] + cc[:, None, :, :]).log_softmax(-1)
+    want = explicit.gather(-1, y[:, :, None, None].expand(-1, -1, S, 1)).squeeze(-1)
+    (want * up).sum().backward()
+    torch.testing.assert_close(got[0], a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], c.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bilstm_encode_equals_packed_bidirectional_lstm():
+    """The two padded direction runs give the packed bidirectional LSTM's states at every real
+    position, zeros at the padding, and the same gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from latentlm.models.alignment import bilstm_encode
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(11, 6, padding_idx=0)
+    lstm = torch.nn.LSTM(6, 5, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([4, 1, 6, 3])
+    tokens = torch.randint(1, 11, (4, 6)) * (torch.arange(6)[None] < lengths[:, None])
+    got = bilstm_encode(embed, lstm, torch.nn.Identity(), tokens, lengths)
+    got.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in lstm.parameters()]
+    lstm.zero_grad()
+    packed = pack_padded_sequence(embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+    want = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=6)[0]
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, lstm.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
