@@ -4,6 +4,7 @@ multiple of 64) against the same products into rows padded to a 64-byte multiple
 and against V = 10,000 / 10,016 (aligned by themselves). Medians of 7; GFLOP/s.
 
     python benchmarks/bench_aligned_rows.py --threads 2
+    python benchmarks/bench_aligned_rows.py --threads 2 --vocab 5921 --rows 2304   # Multi30K's English side
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=8800, help="rows in all (an IS chunk's tokens)")
+    ap.add_argument("--vocab", type=int, default=10004, help="V (the unaligned case; also compared: V rounded "
+                                                             "down and up to a multiple of 16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     H, M = 256, args.rows
@@ -25,7 +28,8 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for block in (256, 1024):
             cells = []
-            for V, ld in ((10004, 10004), (10000, 10000), (10004, 10016), (10016, 10016)):
+            v, down, up = args.vocab, args.vocab // 16 * 16, -(-args.vocab // 16) * 16
+            for V, ld in ((v, v), (down, down), (v, up), (up, up)):
                 x = torch.randn(M, H, dtype=dtype)
                 w = (torch.randn(H, ld) * 0.05).to(dtype)[:, :V]
                 buf = torch.empty(block, ld, dtype=dtype)

@@ -43,9 +43,8 @@ def bilstm_encode(embed: nn.Embedding, lstm: nn.LSTM, drop: nn.Module, tokens: t
     The two directions run as two padded, unpacked LSTM calls (ATen's oneDNN kernel), the
     backward one over each sentence reversed within its length — the states at real positions
     are those of the packed bidirectional LSTM. A PackedSequence takes ATen's step-by-step
-    path instead (small products per time step): at B = 64, L = 25, forward + backward of the
-    (256 -> 2 x 128) encoder took 33-35 ms packed against 25.5 ms this way, two threads
-    (``benchmarks/bench_alignment.py`` times the rows that use it)."""
+    path instead (small products per time step, several hundred ops per batch); the M11 rows'
+    tokens/s before and after are in BENCHMARKS.md (``benchmarks/bench_alignment.py``)."""
     x = drop(embed(tokens))
     if lstm.num_layers != 1 or not lstm.bidirectional or not lstm.batch_first:
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
