@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from latentlm.cli.main import main as cli
 from latentlm.config import load_config
