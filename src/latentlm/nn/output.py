@@ -149,13 +149,12 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         x = h.to(dtype)
         M, V = x.size(0), weight.size(0)
-        # One product over all rows into one aligned-row (M, V) low-precision tensor, turned in
+        # One product over all rows into one aligned-row (M, V) tensor of the compute dtype, turned in
         # place into exp(logit - peak), peak = 0 (the unshifted normalizer, two passes) or, for
         # rows outside UNSHIFTED_RANGE, the row max; the backward scales those rows to softmax
         # probabilities instead of recomputing the product. (Row blocks of 256, each normalized
-        # while in cache, were slower: M = 704, H = 256, V = 10k, forward 18.2 -> 14.3 ms bf16 and
-        # 33.5 -> 28.7 ms fp32 at two threads, 27.8 -> 25.2 and 51.7 -> 47.1 at one: the
-        # products' small-M blocks ran below the whole product's speed.)
+        # while in cache, were slower at two threads: fp32 forward + backward 73.3 -> 63.0 ms,
+        # M = 658, V = 10k, `bench_output_layer.py --training`; BENCHMARKS.md.)
         probs = aligned_rows(M, V, dtype, h.device)[:, :V]  # aligned rows: faster products, both ways
         block_logits(x, w_t, b, probs)
         peak = torch.zeros(M, dtype=torch.float32, device=h.device)
