@@ -4,7 +4,7 @@ against the bare products of the same blocks (the layer with a free normalizer: 
 reach) and a 2048^3 product (the machine's matmul limit):
 
 - ``shifted``: row max, subtract, exp, sum (four passes over each logits block);
-- ``unshifted``: exp in place, fp32 sum (two passes; the module's low-precision normalizer);
+- ``unshifted``: exp in place, fp32 sum (two passes; the module rounds a bf16 block's sum to bf16 instead: the ``module`` path);
 - ``log_softmax``: ATen's fused log-softmax in place on the block (fp32 only: in bf16 it would
   round each log-probability to bf16);
 - ``module``: ``LSTMDecoder._inference_log_probs`` itself, inside ``frozen_parameters()`` as
@@ -83,7 +83,7 @@ def main() -> None:
 
         out = {f"{name} bare product": blocks(lambda logits, s, e: logits[:, 0].float()),
                f"{name} shifted": blocks(lambda logits, s, e: log_normalizer_(logits)),
-               f"{name} unshifted": blocks(lambda logits, s, e: unshifted_log_normalizer_(logits))}
+               f"{name} unshifted": blocks(lambda logits, s, e: unshifted_log_normalizer_(logits, fp32_sum=True))}
         if dtype == torch.float32:
             out[f"{name} log_softmax"] = blocks(in_place)
         out[f"{name} module"] = module

@@ -235,7 +235,7 @@ class LSTMDecoder(nn.Module):
                     torch.log_softmax(whole, 1, out=whole)
                     out[start:stop] = whole.gather(1, tgt[start:stop, None]).squeeze(1)
                 else:
-                    out[start:stop] = unshifted_log_normalizer_(logits, fp32_sum=False)
+                    out[start:stop] = unshifted_log_normalizer_(logits)
             if in_place:
                 return out.float()
             for part in outside_unshifted_range(out).split(rows):

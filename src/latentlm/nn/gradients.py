@@ -10,9 +10,10 @@ def gradient_norm(parameters) -> torch.Tensor:
     """The total 2-norm of the parameters' gradients (those that have one), fp32.
 
     On the CPU each dense gradient's squared norm is a BLAS dot product with itself: in the
-    sentence-VAE profiles (BENCHMARKS.md, ``vae_peer_profile_s5`` -> ``_s6``, 10 bf16 steps at two
-    threads) the norm went from 16.1 ms (``linalg_vector_norm``) to 7.0 ms (``dot``). Elsewhere (and for sparse or strided gradients) torch's own
-    ``get_total_norm`` (one multi-tensor kernel on a GPU)."""
+    sentence-VAE profiles (BENCHMARKS.md, ``vae_peer_profile_s5`` -> ``_s6``, 10 bf16 steps at
+    two threads) the norm went from 16.1 ms (``linalg_vector_norm``) to 7.0 ms (``dot``).
+    Elsewhere (and for sparse or strided gradients) torch's own ``get_total_norm`` (one
+    multi-tensor kernel on a GPU)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads or any(g.device.type != "cpu" or g.layout != torch.strided or not g.is_contiguous()
                         or g.dtype != torch.float32 for g in grads):
@@ -35,7 +36,7 @@ def clip_gradients(parameters, clip: float) -> torch.Tensor:
     pass over all parameters (2 % of a sentence-VAE step); here only a norm above ``clip`` does."""
     params = [p for p in parameters if p.grad is not None]
     norm = gradient_norm(params)
-    if clip and not float(norm) <= clip:  # a non-finite norm scales them as torch does (by 0 or NaN)
+    if clip_factor(norm, clip) != 1.0:  # a non-finite norm scales them as torch does (by 0 or NaN)
         torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     return norm
 
